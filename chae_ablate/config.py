@@ -1,0 +1,260 @@
+"""Typed, validated configuration: data, model, protocol.
+
+Config is data. Every field's default is the CHAE paper's baseline. Plain dicts (from YAML or
+dotted-path overrides) become frozen dataclasses through `parse`, which checks types, unknown keys
+and value ranges once, before any training starts, and reports errors as
+`model.transformer.heads: 6 does not divide dim 128 (valid: 1, 2, 4, 8, 16, 32, 64, 128)`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+POOLS = ("max", "avg", "none")
+ACTIVATIONS = ("gelu", "relu", "silu")
+SOURCES = ("folder", "digits", "synthetic")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+@dataclass(frozen=True)
+class ConvStage:
+    channels: int = 32  # output channels of every conv layer in this stage
+    kernel: int = 3  # conv kernel size (odd; 'same' padding)
+    layers: int = 1  # conv layers in the stage, each BatchNorm -> Conv -> activation
+    pool: str = "max"  # down-sampling after the stage: max | avg | none (2x2, stride 2)
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "channels", "kernel", "layers")
+        if self.kernel % 2 == 0:
+            errors.append(("kernel", f"{self.kernel} is even; use an odd size such as 3 or 5"))
+        if self.pool not in POOLS:
+            errors.append(("pool", f"{self.pool!r} is not one of {', '.join(POOLS)}"))
+        return errors
+
+
+PAPER_STAGES = (ConvStage(32), ConvStage(32), ConvStage(64), ConvStage(128))
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    stages: tuple[ConvStage, ...] = PAPER_STAGES  # the paper's four stages: 32, 32, 64, 128 channels
+    extra_pool: str = "none"  # pooling layer after the last stage: max | avg | none (paper exp. 3)
+    extra_pool_size: int = 2  # kernel and stride of that extra pooling layer
+    spatial_dropout: float = 0.0  # Dropout2d after every stage (paper: 0)
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "extra_pool_size") + _probability(self, "spatial_dropout")
+        if not self.stages:
+            errors.append(("stages", "is empty; give at least one stage, e.g. [{channels: 32}]"))
+        if self.extra_pool not in POOLS:
+            errors.append(("extra_pool", f"{self.extra_pool!r} is not one of {', '.join(POOLS)}"))
+        return errors
+
+    @property
+    def stride(self) -> int:
+        """Total down-sampling factor of the conv trunk."""
+        stride = 2 ** sum(stage.pool != "none" for stage in self.stages)
+        return stride * (self.extra_pool_size if self.extra_pool != "none" else 1)
+
+
+@dataclass(frozen=True)
+class TransformerConfig:
+    depth: int = 2  # encoder layers
+    heads: int = 8  # attention heads; must divide dim (head dim = dim / heads)
+    dim: int = 128  # token width; a Linear projection is added when it differs from the conv width
+    mlp_hidden: tuple[int, ...] = (256,)  # hidden sizes of each layer's MLP (dim -> ... -> dim)
+    mlp_dropout: float = 0.2  # dropout after every MLP linear layer
+    attn_dropout: float = 0.0  # dropout on attention weights
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "depth", "heads", "dim") + _probability(self, "mlp_dropout", "attn_dropout")
+        errors += [(f"mlp_hidden.{i}", f"{h} must be > 0") for i, h in enumerate(self.mlp_hidden) if h <= 0]
+        if self.heads > 0 and self.dim > 0 and self.dim % self.heads:
+            valid = ", ".join(str(h) for h in range(1, self.dim + 1) if self.dim % h == 0)
+            errors.append(("heads", f"{self.heads} does not divide dim {self.dim} (valid: {valid})"))
+        return errors
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    resolution: int = 256  # input images are resolution x resolution x 3
+    conv: ConvConfig = field(default_factory=ConvConfig)  # the CNN trunk
+    transformer: TransformerConfig = field(default_factory=TransformerConfig)  # the encoder
+    activation: str = "gelu"  # activation in conv stages and MLPs: gelu | relu | silu
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "resolution")
+        if self.activation not in ACTIVATIONS:
+            errors.append(("activation", f"{self.activation!r} is not one of {', '.join(ACTIVATIONS)}"))
+        stride = self.conv.stride
+        if self.resolution > 0 and self.conv.stages:
+            if self.resolution % stride:
+                lower = max(stride, self.resolution // stride * stride)
+                errors.append(("resolution", f"{self.resolution} is not a multiple of the total stride "
+                               f"{stride}; use e.g. {lower} or {lower + stride}"))
+            elif self.resolution // stride < 1:
+                errors.append(("resolution", f"{self.resolution} pools away to nothing (stride {stride})"))
+        return errors
+
+    @property
+    def grid(self) -> int:
+        """Side of the token grid after the conv trunk."""
+        return self.resolution // self.conv.stride
+
+    @property
+    def tokens(self) -> int:
+        """Sequence length seen by the transformer, CLS included."""
+        return self.grid**2 + 1
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    copies: int = 4  # augmented copies of each training image per epoch, plus the original (0 = off)
+    rotation: float = 30.0  # rotation range, +- degrees (Keras rotation_range)
+    shear: float = 0.2  # shear range, +- degrees (Keras shear_range is applied in degrees)
+    zoom: tuple[float, float] = (0.8, 1.2)  # independent x/y zoom range (Keras zoom_range=0.2)
+    flip: bool = True  # random horizontal flip, p = 0.5
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = []
+        if self.copies < 0:
+            errors.append(("copies", f"{self.copies} must be >= 0 (0 turns augmentation off)"))
+        if self.rotation < 0 or self.shear < 0:
+            errors.append(("rotation" if self.rotation < 0 else "shear", "must be >= 0"))
+        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+            errors.append(("zoom", f"{list(self.zoom)} must be [low, high] with 0 < low <= high"))
+        return errors
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "digits"  # folder | digits (scikit-learn's bundled images) | synthetic
+    root: str | None = None  # folder source: a class-per-folder image directory
+    test_fraction: float = 0.15  # held-out test split, stratified, the same for every cell
+    val_fraction: float = 0.05  # validation split, taken from what the test split leaves
+    split_seed: int = 0  # seeds the splits (not the training)
+    synthetic_classes: int = 4  # synthetic source: number of classes
+    synthetic_per_class: int = 40  # synthetic source: images per class
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the paper's Keras augmentation
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "synthetic_classes", "synthetic_per_class")
+        if self.source not in SOURCES:
+            errors.append(("source", f"{self.source!r} is not one of {', '.join(SOURCES)}"))
+        if self.source == "folder" and not self.root:
+            errors.append(("root", "is required when source is 'folder'"))
+        for name in ("test_fraction", "val_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                errors.append((name, f"{getattr(self, name)} must be between 0 and 1"))
+        return errors
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    epochs: int = 20  # training epochs per cell
+    batch_size: int = 32  # images per optimisation step
+    optimizer: str = "adam"  # adam | adamw | sgd
+    lr: float = 1e-4  # fixed learning rate
+    weight_decay: float = 0.0  # optimiser weight decay
+    seeds: tuple[int, ...] = (0,)  # one cell per variant and seed
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "epochs", "batch_size", "lr")
+        if self.optimizer not in OPTIMIZERS:
+            errors.append(("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"))
+        if not self.seeds:
+            errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
+        if len(set(self.seeds)) != len(self.seeds):
+            errors.append(("seeds", f"{list(self.seeds)} has duplicates"))
+        return errors
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Everything one training run depends on."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+
+
+def _positive(obj: Any, *names: str) -> list[tuple[str, str]]:
+    return [(n, f"{getattr(obj, n)} must be > 0") for n in names if getattr(obj, n) <= 0]
+
+
+def _probability(obj: Any, *names: str) -> list[tuple[str, str]]:
+    return [(n, f"{getattr(obj, n)} must be in [0, 1)") for n in names if not 0 <= getattr(obj, n) < 1]
+
+
+# --- dict <-> dataclass ---------------------------------------------------------------------
+
+def to_dict(config: Any) -> Any:
+    """A dataclass as plain YAML/JSON-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(config):
+        return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    if isinstance(config, (list, tuple)):
+        return [to_dict(v) for v in config]
+    return config
+
+
+def parse(cls: type, data: Any, path: str = "") -> Any:
+    """Build dataclass `cls` from plain data, validating types, keys and values.
+
+    Raises ConfigError naming the dotted path of the first problem.
+    """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"{_join(path, key)}: unknown key{did_you_mean(str(key), names)}")
+    config = cls(**{k: _convert(hints[k], v, _join(path, k)) for k, v in data.items()})
+    for key, message in config.check():
+        raise ConfigError(f"{_join(path, key)}: {message}")
+    return config
+
+
+def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+    options = list(options)
+    close = difflib.get_close_matches(word, options, n=1)
+    if close:
+        return f" (did you mean '{close[0]}'?)"
+    return f" (valid: {', '.join(options)})"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _convert(hint: Any, value: Any, path: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return parse(hint, value, path)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _convert(next(a for a in args if a is not type(None)), value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+        items = args[:1] * len(value) if args[-1] is Ellipsis else args
+        if len(items) != len(value):
+            raise ConfigError(f"{path}: expected a list of {len(items)} values, got {len(value)}")
+        return tuple(_convert(h, v, f"{path}.{i}") for i, (h, v) in enumerate(zip(items, value)))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and
+                                                 not (hint is int and isinstance(value, bool))):
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {_describe(value)}")
+    return value
