@@ -216,7 +216,7 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
         if key not in names:
             raise ConfigError(f"{_join(path, key)}: unknown key{did_you_mean(str(key), names)}")
     config = cls(**{k: _convert(hints[k], v, _join(path, k)) for k, v in data.items()})
-    for key, message in config.check():
+    for key, message in getattr(config, "check", list)():
         raise ConfigError(f"{_join(path, key)}: {message}")
     return config
 

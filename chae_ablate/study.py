@@ -176,6 +176,8 @@ def parse_assignments(pairs: list[str]) -> dict[str, Any]:
     return result
 
 
-def changed_paths(variant: Variant) -> str:
+def changed_paths(variant: Variant, width: int = 48) -> str:
     """The variant's overrides in one short line, for tables."""
-    return ", ".join(f"{k}={v}" for k, v in variant.overrides.items()) or "-"
+    text = ", ".join(f"{k.removeprefix('model.')}={json.dumps(v, separators=(',', ':'))}"
+                     for k, v in variant.overrides.items())
+    return (text[: width - 3] + "...") if len(text) > width else text or "-"

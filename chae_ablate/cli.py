@@ -1,0 +1,142 @@
+"""The `chae-ablate` command: each command parses its arguments and calls one library function.
+
+A ChaeError (bad input, missing data, unreachable server) becomes one red line and exit code 1.
+"""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import ChaeError
+
+app = typer.Typer(help="Reproducible architecture ablation studies of the CHAE classifier.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+data_app = typer.Typer(help="Prepare and inspect image datasets.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+StudyArg = Annotated[Path, typer.Argument(help="Study YAML file, e.g. studies/paper11.yaml")]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override, e.g. model.transformer.depth=3")]
+EpochsOpt = Annotated[Optional[int], typer.Option(help="Override protocol.epochs")]
+SeedsOpt = Annotated[Optional[str], typer.Option(help="Override protocol.seeds, e.g. 0,1,2")]
+StorageOpt = Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: sqlite under runs/)")]
+DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
+RunsOpt = Annotated[Path, typer.Option(help="Caches, checkpoints, ledger and MLflow artifacts")]
+
+
+def clean_errors(command):
+    """Turn the domain exception into one red line and exit code 1."""
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ChaeError as err:
+            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | None):
+    from .study import load_study, parse_assignments
+    overrides = parse_assignments(set_ or [])
+    if epochs is not None:
+        overrides["protocol.epochs"] = epochs
+    if seeds is not None:
+        try:
+            overrides["protocol.seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ChaeError(f"--seeds {seeds}: expected integers separated by commas, e.g. 0,1,2") from None
+    return load_study(study, overrides)
+
+
+@app.command()
+@clean_errors
+def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None) -> None:
+    """Show every variant's shape and cost (params, MFLOPs, tokens) without training."""
+    from .plan import format_plan, plan_table
+    table, footer = plan_table(_load(study, set_, epochs, seeds))
+    typer.echo(format_plan(table))
+    typer.echo(footer)
+
+
+@app.command()
+@clean_errors
+def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
+        storage: StorageOpt = None,
+        workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = 1,
+        device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
+        fresh: Annotated[bool, typer.Option(help="Forget earlier results of this study")] = False,
+        compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+        report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
+        progress: Annotated[bool, typer.Option(help="Progress bars")] = True) -> None:
+    """Train every cell (variant x seed) of a study; a rerun resumes where it stopped."""
+    from .runner import RunOptions, run_study
+    loaded = _load(study, set_, epochs, seeds)
+    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir,
+                         fresh=fresh, progress=progress, compile=compile)
+    rows = run_study(loaded, options)
+    _print_summary(rows)
+    if report:
+        from .report import write_report
+        typer.echo(f"report: {write_report(loaded.name)}")
+    failed = [r for r in rows if r["state"] != "COMPLETE"]
+    if failed:
+        raise ChaeError(f"{len(failed)} of {len(rows)} cells did not finish; rerun the same command to retry")
+
+
+def _print_summary(rows: list[dict]) -> None:
+    import pandas as pd
+    table = pd.DataFrame(rows)
+    table["test_acc"] = table["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.3f}")
+    table["best_val_loss"] = table["best_val_loss"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
+    typer.echo(table.to_string(index=False))
+
+
+@app.command()
+@clean_errors
+def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
+           seeds: SeedsOpt = None, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
+           progress: Annotated[bool, typer.Option(help="Progress bars")] = True) -> None:
+    """Join a running study (shared --storage) and train cells until none are left."""
+    from .runner import RunOptions, run_worker
+    options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress)
+    done = run_worker(_load(study, set_, epochs, seeds), options)
+    typer.echo(f"worker finished: trained {done} cell(s)")
+
+
+@app.command()
+@clean_errors
+def report(study: Annotated[str, typer.Argument(help="Study name or YAML file")],
+           out: Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<study>)")] = None) -> None:
+    """Build the comparison report of a study from its MLflow runs."""
+    from .report import write_report
+    name = _load(Path(study), None, None, None).name if study.endswith((".yaml", ".yml")) else study
+    typer.echo(f"report: {write_report(name, out)}")
+
+
+@data_app.command("prepare")
+@clean_errors
+def data_prepare(kind: Annotated[str, typer.Argument(help="Dataset kind: best-artworks")],
+                 source: Annotated[Path, typer.Argument(help="The Kaggle archive (zip) or its extracted folder")],
+                 out: Annotated[Path, typer.Option(help="Where to write the class-per-folder tree")] = Path("data/artworks"),
+                 min_paintings: Annotated[int, typer.Option(help="Keep artists with more paintings than this")] = 200) -> None:
+    """Turn a downloaded dataset archive into a class-per-folder tree."""
+    from .prepare import prepare_best_artworks
+    if kind != "best-artworks":
+        raise ChaeError(f"data prepare {kind}: unknown kind; the one supported is best-artworks")
+    result = prepare_best_artworks(source, out, min_paintings)
+    typer.echo(str(result))
+
+
+@data_app.command("check")
+@clean_errors
+def data_check(root: Annotated[Path, typer.Argument(help="A class-per-folder image directory")]) -> None:
+    """Count images per class, sizes, modes and unreadable files."""
+    from .prepare import check_dataset
+    typer.echo(check_dataset(root).format())
+
+
+def main() -> None:
+    app()

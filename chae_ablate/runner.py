@@ -1,0 +1,366 @@
+"""Running a study: Optuna is the ledger and the queue, MLflow the record.
+
+One Optuna study per ablation study and one enqueued trial per cell (user attributes variant,
+seed, cell_hash). Workers — in this process, in child processes (`--workers N`) or on other
+machines (`chae-ablate worker`) — claim WAITING trials atomically, so no cell runs twice. Trials
+carry a heartbeat: a worker killed mid-cell goes stale, its trial is failed and re-queued
+(RetryHeartbeatStaleTrialCallback), and the next worker resumes the cell from its last checkpoint.
+Only this module imports optuna.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+import re
+import threading
+import time
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import optuna
+import torch
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import Trial, TrialState
+from tqdm.auto import tqdm
+
+from . import tracking
+from .config import DataConfig, to_dict
+from .data import Dataset, load_dataset
+from .errors import ChaeError
+from .figures import learning_curve
+from .study import Cell, Study
+from .train import CellFailed, pick_device, train_cell
+
+ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    storage: str | None = None  # Optuna RDB URL; default sqlite under runs_dir
+    workers: int = 1  # cells trained at once on this machine
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    runs_dir: Path = Path("runs")  # caches, checkpoints, the default ledger, MLflow artifacts
+    fresh: bool = False  # forget earlier results of this study and start over
+    progress: bool = True  # progress bars
+    compile: bool = False  # torch.compile the model
+    threads: int | None = None  # torch CPU threads per worker (default: cores / workers)
+    heartbeat_s: int = 5  # how often a running trial proves its worker alive
+    grace_s: int = 15  # silence after which a running trial is failed and re-queued
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.runs_dir / 'optuna.db').resolve()}"
+
+
+def _safe_url(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+
+
+def open_ledger(study: Study, options: RunOptions) -> optuna.Study:
+    """The Optuna study that queues this ablation study's cells."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    url = options.storage_url
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        storage = RDBStorage(url, heartbeat_interval=options.heartbeat_s, grace_period=options.grace_s,
+                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                             engine_kwargs={"pool_pre_ping": True})
+        return optuna.create_study(study_name=study.name, storage=storage, direction="minimize",
+                                   load_if_exists=True)
+    except ModuleNotFoundError as err:
+        raise ChaeError(f"--storage {_safe_url(url)}: needs the {err.name} driver; "
+                        "pip install 'chae-ablate[postgres]'") from None
+    except Exception as err:  # sqlalchemy's connection and URL errors
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ChaeError(f"--storage {_safe_url(url)}: cannot open the Optuna storage ({reason})") from None
+
+
+def sync_queue(ledger: optuna.Study, cells: list[Cell]) -> int:
+    """Enqueue every cell that is neither finished, queued nor running; returns how many."""
+    fail_stale_trials(ledger)  # dead workers' cells go back to the queue
+    trials = ledger.get_trials(deepcopy=False)
+    covered = {t.user_attrs.get("cell_hash") for t in trials if t.state in (TrialState.COMPLETE, *ACTIVE)}
+    missing = [c for c in cells if c.hash not in covered]
+    for cell in missing:
+        ledger.enqueue_trial({}, user_attrs={"variant": cell.variant.name, "seed": cell.seed,
+                                             "cell_hash": cell.hash})
+    return len(missing)
+
+
+def claim_next(ledger: optuna.Study) -> Trial | None:
+    """Atomically move one WAITING trial to RUNNING (as Study.ask does, but never samples a new one)."""
+    storage = ledger._storage
+    for frozen in ledger.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        try:
+            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
+                return Trial(ledger, frozen._trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _is_duplicate(ledger: optuna.Study, trial: Trial, cell_hash: str) -> bool:
+    """Another trial of the same cell is finished, or queued/running with a lower number."""
+    for other in ledger.get_trials(deepcopy=False):
+        if other.number == trial.number or other.user_attrs.get("cell_hash") != cell_hash:
+            continue
+        if other.state == TrialState.COMPLETE or (other.state in ACTIVE and other.number < trial.number):
+            return True
+    return False
+
+
+class Heartbeat:
+    """Records the trial's heartbeat from a thread while the cell trains."""
+
+    def __init__(self, ledger: optuna.Study, trial: Trial, interval: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(ledger._storage, trial._trial_id, interval),
+                                        daemon=True)
+
+    def _beat(self, storage, trial_id: int, interval: float) -> None:
+        while True:
+            try:
+                storage.record_heartbeat(trial_id)
+            except Exception:  # a lost connection: keep trying; the grace period decides
+                pass
+            if self._stop.wait(interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class DataCache:
+    """Datasets loaded once per process, per data config and resolution."""
+
+    def __init__(self, runs_dir: Path, progress: bool):
+        self.runs_dir, self.progress, self._loaded = runs_dir, progress, {}
+
+    def get(self, data: DataConfig, resolution: int) -> Dataset:
+        key = (replace(data, augment=None), resolution)  # augmentation does not change the images
+        if key not in self._loaded:
+            self._loaded[key] = load_dataset(data, resolution, self.runs_dir, progress=self.progress)
+        return self._loaded[key]
+
+
+class Worker:
+    """Claims and trains cells until the study's queue is empty and nothing else is running."""
+
+    def __init__(self, study: Study, options: RunOptions, device: torch.device, position: int = 0):
+        self.study, self.options, self.device, self.position = study, options, device, position
+        self.cells = {c.hash: c for c in study.cells()}
+        self.ledger = open_ledger(study, options)
+        self.log = tracking.StudyLog(study.name, plan(study), options.runs_dir)
+        self.data = DataCache(options.runs_dir, options.progress)
+
+    def run(self, poll_s: float = 2.0, on_cell_done=lambda: None) -> int:
+        """Returns the number of cells this worker trained."""
+        done = 0
+        while True:
+            fail_stale_trials(self.ledger)
+            trial = claim_next(self.ledger)
+            if trial is None:
+                if not self.ledger.get_trials(deepcopy=False, states=ACTIVE):
+                    return done
+                time.sleep(poll_s)  # others are running: wait, in case one of them dies
+                continue
+            cell = self.cells.get(trial.user_attrs.get("cell_hash"))
+            if cell is None or _is_duplicate(self.ledger, trial, cell.hash):
+                trial.set_user_attr("failure_reason", "duplicate or unknown cell; skipped")
+                self.ledger.tell(trial, state=TrialState.FAIL)
+                continue
+            with Heartbeat(self.ledger, trial, self.options.heartbeat_s):
+                self.run_cell(cell, trial)
+            done += 1
+            on_cell_done()
+
+    def run_cell(self, cell: Cell, trial: Trial) -> None:
+        checkpoints = self.options.runs_dir / "checkpoints" / self.study.name / cell.hash
+        resumable = _checkpoint_epochs(checkpoints)
+        config = cell.config
+        tags = {"variant": cell.variant.name, "seed": str(cell.seed), "cell_hash": cell.hash,
+                "description": cell.variant.description, "device": str(self.device),
+                **tracking.source_tags()}
+        params = tracking.flatten({**to_dict(config), "seed": cell.seed})
+        run = self.log.cell_run(cell.label, tags, params, resumable)
+        try:
+            data = self.data.get(config.data, config.model.resolution)
+            run.log_dict(to_dict(config), "config.json")
+            run.log_artifact(data.manifest)
+            result = train_cell(config, cell.seed, data, self.device, checkpoints, _Reporter(run, trial),
+                                progress=self.options.progress, label=cell.label,
+                                compile_model=self.options.compile)
+        except CellFailed as err:
+            self._fail(trial, run, str(err))
+            return
+        except Exception as err:
+            self._fail(trial, run, f"{type(err).__name__}: {err}")
+            raise
+        curve = learning_curve(result.history, cell.label, checkpoints / "learning_curve.png")
+        run.log_artifact(curve)
+        run.finish(result.summary())
+        for key, value in result.summary().items():
+            trial.set_user_attr(key, value)
+        self.ledger.tell(trial, result.best_val_loss)
+
+    def _fail(self, trial: Trial, run: tracking.CellRun, reason: str) -> None:
+        run.fail(reason)
+        trial.set_user_attr("failure_reason", reason)
+        self.ledger.tell(trial, state=TrialState.FAIL)
+
+
+class _Reporter:
+    """Sends each epoch to MLflow and its validation loss to the Optuna trial."""
+
+    def __init__(self, run: tracking.CellRun, trial: Trial):
+        self.run, self.trial = run, trial
+
+    def restore(self, history: list[dict[str, float]]) -> None:
+        self.run.restore(history)
+        reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
+        for epoch, metrics in enumerate(history, start=1):
+            if epoch not in reported:
+                self.trial.report(metrics["val_loss"], epoch)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self.run.log_epoch(epoch, metrics)
+        self.trial.report(metrics["val_loss"], epoch)
+
+
+def _checkpoint_epochs(directory: Path) -> int:
+    path = directory / "last.pt"
+    if not path.exists():
+        return 0
+    return len(torch.load(path, map_location="cpu", weights_only=False)["state"]["history"])
+
+
+def plan(study: Study) -> list[dict]:
+    return [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
+             "description": c.variant.description} for c in study.cells()]
+
+
+# --- the commands ----------------------------------------------------------------------------
+
+def prepare(study: Study, options: RunOptions) -> optuna.Study:
+    """Everything that can fail before training: data present and cached, servers reachable."""
+    tracking.check_tracking_server()
+    ledger = open_ledger(study, options)
+    if options.fresh:
+        _forget(study, options)
+        ledger = open_ledger(study, options)
+    cache = DataCache(options.runs_dir, options.progress)
+    for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
+        cache.get(*key)  # builds each resolution's decode-once cache before any worker starts
+    tracking.StudyLog(study.name, plan(study), options.runs_dir).update_plan(plan(study))
+    sync_queue(ledger, study.cells())
+    return ledger
+
+
+def _forget(study: Study, options: RunOptions) -> None:
+    import shutil
+    optuna.delete_study(study_name=study.name, storage=options.storage_url)
+    shutil.rmtree(options.runs_dir / "checkpoints" / study.name, ignore_errors=True)
+    tracking.delete_study_runs(study.name)
+
+
+def run_study(study: Study, options: RunOptions) -> list[dict]:
+    """Train every unfinished cell of the study; returns one summary row per cell."""
+    device = pick_device(options.device)
+    ledger = prepare(study, options)
+    total = len(study.cells())
+    if options.workers <= 1:
+        _set_threads(options, 1)
+        bar = _StudyBar(ledger, study, total, options.progress)
+        worker = Worker(study, options, device)
+        worker.ledger = ledger
+        with bar:
+            worker.run(on_cell_done=bar.refresh)
+    else:
+        _run_children(study, options, ledger, total)
+    tracking.StudyLog(study.name, plan(study), options.runs_dir).finish()
+    return summary_rows(ledger, study)
+
+
+def _run_children(study: Study, options: RunOptions, ledger: optuna.Study, total: int) -> None:
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_child_main, args=(study, options, i), daemon=False)
+                for i in range(options.workers)]
+    for child in children:
+        child.start()
+    with _StudyBar(ledger, study, total, options.progress) as bar:
+        while any(child.is_alive() for child in children):
+            time.sleep(2)
+            bar.refresh()
+    failed = [c.exitcode for c in children if c.exitcode]
+    if failed:
+        raise ChaeError(f"{len(failed)} worker process(es) exited with an error; rerun to resume")
+
+
+def _child_main(study: Study, options: RunOptions, index: int) -> None:
+    device = pick_device(options.device)
+    if device.type == "cuda" and options.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
+        device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
+    _set_threads(options, options.workers)
+    Worker(study, replace(options, progress=False), device, position=index + 1).run()
+
+
+def run_worker(study: Study, options: RunOptions) -> int:
+    """Join a running study (another process or machine) and train cells until none are left."""
+    tracking.check_tracking_server()
+    _set_threads(options, 1)
+    return Worker(study, options, pick_device(options.device)).run()
+
+
+def _set_threads(options: RunOptions, workers: int) -> None:
+    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) // workers))
+
+
+class _StudyBar:
+    """cells done / total, failures, ETA — read from the ledger, so it counts every worker's cells."""
+
+    def __init__(self, ledger: optuna.Study, study: Study, total: int, enabled: bool):
+        self.ledger, self.hashes = ledger, {c.hash for c in study.cells()}
+        self.bar = tqdm(total=total, desc=f"study {study.name}", unit="cell", disable=not enabled,
+                        dynamic_ncols=True)
+
+    def __enter__(self) -> _StudyBar:
+        self.refresh()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.refresh()
+        self.bar.close()
+
+    def refresh(self) -> None:
+        trials = [t for t in self.ledger.get_trials(deepcopy=False) if t.user_attrs.get("cell_hash") in self.hashes]
+        done = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE}
+        failed = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.FAIL} - done
+        self.bar.n = len(done)
+        self.bar.set_postfix(failed=len(failed), refresh=False)
+        self.bar.refresh()
+
+
+def summary_rows(ledger: optuna.Study, study: Study) -> list[dict]:
+    """One row per cell from the ledger: variant, seed, state, best val loss, test accuracy."""
+    by_hash: dict[str, optuna.trial.FrozenTrial] = {}
+    for t in ledger.get_trials(deepcopy=False):
+        h = t.user_attrs.get("cell_hash")
+        if h and (h not in by_hash or by_hash[h].state != TrialState.COMPLETE):
+            by_hash[h] = t
+    rows = []
+    for cell in study.cells():
+        t = by_hash.get(cell.hash)
+        rows.append({"variant": cell.variant.name, "seed": cell.seed,
+                     "state": t.state.name if t else "MISSING",
+                     "best_val_loss": t.value if t and t.state == TrialState.COMPLETE else None,
+                     "test_acc": t.user_attrs.get("test_acc") if t else None,
+                     "failure_reason": t.user_attrs.get("failure_reason", "") if t else ""})
+    return rows

@@ -1,0 +1,265 @@
+"""MLflow: the study's permanent record, and the report's source of truth.
+
+One experiment per study, one parent run per study and one nested run per cell. Per-epoch metrics
+carry their epoch as the step. A cell that resumes after a crash continues its own run, so MLflow
+ends with one run per cell; an attempt that cannot be continued is marked FAILED, never left RUNNING.
+Only this module imports mlflow. It uses MlflowClient throughout (no global active run), so worker
+processes and threads never share state.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .errors import ChaeError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
+SUMMARY_METRICS = ("best_val_loss", "best_epoch", "val_acc_at_best", "test_loss", "test_acc",
+                   "n_params", "mflops", "images_per_s", "wall_time_s")
+ROLE = "chae.role"
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI when set (a tracking server), else ./mlflow.db, what bare `mlflow ui` reads."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def _client():
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail within seconds, not minutes
+    import logging
+
+    from mlflow.tracking import MlflowClient
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    return MlflowClient(tracking_uri=tracking_uri())
+
+
+def _entities():
+    from mlflow.entities import Metric, Param, RunTag
+    return Metric, Param, RunTag
+
+
+def check_tracking_server() -> None:
+    """Fail fast, in one line, when a remote tracking server does not answer."""
+    uri = tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.request
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+    except OSError as err:
+        raise ChaeError(f"MLflow tracking server {uri} is not reachable ({err}); "
+                        "start it (mlflow server ...) or unset MLFLOW_TRACKING_URI") from None
+
+
+@cache
+def source_tags() -> dict[str, str]:
+    """git commit and dirty flag of the working directory, torch/CUDA versions."""
+    import torch
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+    commit = git("rev-parse", "HEAD") or "unknown"
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit != "unknown" else False
+    return {"git_commit": commit, "git_dirty": str(dirty).lower(), "torch_version": torch.__version__,
+            "cuda_version": torch.version.cuda or "none"}
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    """Nested config dict -> {'model.transformer.depth': '2', ...}; lists stay JSON."""
+    if isinstance(tree, dict):
+        out: dict[str, str] = {}
+        for key, value in tree.items():
+            out.update(flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else str(tree)}
+
+
+class StudyLog:
+    """The MLflow experiment and parent run of one study."""
+
+    def __init__(self, study_name: str, plan: list[dict], artifact_root: Path):
+        self.client = _client()
+        self.study_name = study_name
+        self.experiment_id = self._experiment(artifact_root)
+        self.parent_id = self._parent_run(plan)
+
+    def _experiment(self, artifact_root: Path) -> str:
+        exp = self.client.get_experiment_by_name(self.study_name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                self.client.restore_experiment(exp.experiment_id)
+            return exp.experiment_id
+        local = not tracking_uri().startswith(("http://", "https://"))
+        location = (artifact_root / "mlartifacts").resolve().as_uri() if local else None
+        try:
+            return self.client.create_experiment(self.study_name, artifact_location=location)
+        except Exception:  # another worker created it first
+            return self.client.get_experiment_by_name(self.study_name).experiment_id
+
+    def _parent_run(self, plan: list[dict]) -> str:
+        found = self._parents()
+        if not found:
+            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                         tags={ROLE: "study", **source_tags()})
+            self.client.log_dict(run.info.run_id, {"cells": plan}, "plan.json")
+            found = self._parents()  # oldest wins if two workers raced here
+        return found[0].info.run_id
+
+    def _parents(self) -> list:
+        return self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'study'",
+                                       order_by=["attributes.start_time ASC"])
+
+    def update_plan(self, plan: list[dict]) -> None:
+        self.client.log_dict(self.parent_id, {"cells": plan}, "plan.json")
+
+    def cell_run(self, label: str, tags: dict[str, str], params: dict[str, str], start_epoch: int) -> "CellRun":
+        """The cell's run: the interrupted one continued when its history fits `start_epoch`, else new."""
+        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{tags['cell_hash']}'"):
+            if run.info.status == "FINISHED":
+                continue
+            logged = [m.step for m in self.client.get_metric_history(run.info.run_id, "val_loss")]
+            if max(logged, default=0) <= start_epoch and run.info.status != "FAILED":
+                self.client.update_run(run.info.run_id, status="RUNNING")
+                return CellRun(self.client, run.info.run_id, set(logged))
+            if run.info.status == "RUNNING":
+                self.client.set_tag(run.info.run_id, "failure_reason", "worker lost; cell restarted elsewhere")
+                self.client.set_terminated(run.info.run_id, "FAILED")
+        run = self.client.create_run(self.experiment_id, run_name=label,
+                                     tags={"mlflow.parentRunId": self.parent_id, ROLE: "cell", **tags})
+        _, Param, _ = _entities()
+        items = [Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i:i + 100])
+        return CellRun(self.client, run.info.run_id, set())
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+class CellRun:
+    """Tracker for one cell's training: what train_cell calls each epoch."""
+
+    def __init__(self, client, run_id: str, logged_epochs: set[int]):
+        self.client, self.run_id, self.logged = client, run_id, logged_epochs
+
+    def restore(self, history: list[dict[str, float]]) -> None:
+        """Log checkpointed epochs that the crash kept from reaching MLflow."""
+        for epoch, metrics in enumerate(history, start=1):
+            if epoch not in self.logged:
+                self.log_epoch(epoch, metrics)
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        self._metrics(metrics, step=epoch)
+        self.logged.add(epoch)
+
+    def log_artifact(self, path: Path) -> None:
+        self.client.log_artifact(self.run_id, str(path))
+
+    def log_dict(self, data: dict, name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def finish(self, summary: dict[str, float]) -> None:
+        self._metrics(summary, step=0)
+        self.client.set_terminated(self.run_id, "FINISHED")
+
+    def fail(self, reason: str) -> None:
+        self.client.set_tag(self.run_id, "failure_reason", reason[:5000])
+        self.client.set_terminated(self.run_id, "FAILED")
+
+    def _metrics(self, metrics: dict[str, float], step: int) -> None:
+        Metric, _, _ = _entities()
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+# --- reading, for the report -----------------------------------------------------------------
+
+def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
+    """(cells, epochs, plan) of a study: one row per cell (its latest attempt), one per cell-epoch,
+    and every cell the study expects."""
+    client = _client()
+    exp = client.get_experiment_by_name(study_name)
+    if exp is None:
+        raise ChaeError(f"no MLflow experiment named {study_name!r} at {tracking_uri()}; "
+                        f"run the study first (chae-ablate run STUDY.yaml) or set MLFLOW_TRACKING_URI")
+    runs = client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'cell'", max_results=50000,
+                              order_by=["attributes.start_time ASC"])
+    latest: dict[str, Any] = {}
+    for run in runs:  # prefer a finished attempt, else the newest
+        prev = latest.get(run.data.tags.get("cell_hash"))
+        if prev is None or prev.info.status != "FINISHED":
+            latest[run.data.tags.get("cell_hash")] = run
+    cells = pd.DataFrame([_cell_row(r) for r in latest.values()], columns=_CELL_COLUMNS)
+    epochs = pd.DataFrame([row for r in latest.values() for row in _epoch_rows(client, r)],
+                          columns=["run_id", "variant", "seed", "epoch", *EPOCH_METRICS])
+    return cells, epochs, _plan(client, exp.experiment_id)
+
+
+_CELL_COLUMNS = ["run_id", "variant", "seed", "cell_hash", "description", "status", "failure_reason",
+                 *SUMMARY_METRICS, "resolution"]
+
+
+def _cell_row(run) -> dict[str, Any]:
+    tags, metrics = run.data.tags, run.data.metrics
+    return {"run_id": run.info.run_id, "variant": tags.get("variant"), "seed": int(tags.get("seed", -1)),
+            "cell_hash": tags.get("cell_hash"), "description": tags.get("description", ""),
+            "status": run.info.status, "failure_reason": tags.get("failure_reason", ""),
+            **{k: metrics.get(k, float("nan")) for k in SUMMARY_METRICS},
+            "resolution": float(run.data.params.get("model.resolution", "nan"))}
+
+
+def _epoch_rows(client, run) -> list[dict[str, Any]]:
+    by_epoch: dict[int, dict[str, Any]] = {}
+    for key in EPOCH_METRICS:
+        for m in client.get_metric_history(run.info.run_id, key):
+            by_epoch.setdefault(m.step, {})[key] = m.value
+    return [{"run_id": run.info.run_id, "variant": run.data.tags.get("variant"),
+             "seed": int(run.data.tags.get("seed", -1)), "epoch": step, **values}
+            for step, values in sorted(by_epoch.items())]
+
+
+def _plan(client, experiment_id: str) -> list[dict]:
+    parents = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'study'",
+                                 order_by=["attributes.start_time ASC"])
+    if not parents:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(parents[0].info.run_id, "plan.json", tmp)
+        except Exception:  # an older parent without a plan: report what ran
+            return []
+        return json.loads(Path(path).read_text())["cells"]
+
+
+def log_report_artifacts(study_name: str, report_dir: Path) -> None:
+    """The report folder becomes artifacts of the study's parent run, under report/."""
+    client = _client()
+    exp = client.get_experiment_by_name(study_name)
+    parents = exp and client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'study'",
+                                         order_by=["attributes.start_time ASC"])
+    if parents:
+        client.log_artifacts(parents[0].info.run_id, str(report_dir), "report")
+
+
+def delete_study_runs(study_name: str) -> int:
+    """Soft-delete every run of a study (for --fresh); returns how many."""
+    client = _client()
+    exp = client.get_experiment_by_name(study_name)
+    if exp is None:
+        return 0
+    runs = client.search_runs([exp.experiment_id], max_results=50000)
+    for run in runs:
+        client.delete_run(run.info.run_id)
+    return len(runs)
