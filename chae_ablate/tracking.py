@@ -29,12 +29,19 @@ ROLE = "chae.role"
 
 
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (a tracking server), else ./mlflow.db, what bare `mlflow ui` reads."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """MLFLOW_TRACKING_URI when set (a tracking server), else ./mlflow.db, what bare `mlflow ui` reads.
+
+    The default is made absolute: MLflow caches stores by URI, and a relative one would follow
+    the first working directory it saw."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
+    return uri
 
 
 def _client():
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail within seconds, not minutes
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
     from mlflow.tracking import MlflowClient

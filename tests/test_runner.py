@@ -1,0 +1,211 @@
+"""The runner: MLflow layout, the Optuna ledger, resume after SIGKILL, several workers."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chae_ablate.cli import app
+from chae_ablate.data import load_dataset
+from chae_ablate.runner import RunOptions, open_ledger, run_study
+from chae_ablate.study import load_study, study_from_dict
+from chae_ablate.train import train_cell
+
+from conftest import STUDIES
+
+TINY = STUDIES / "synthetic-tiny.yaml"
+
+
+def cell_runs(study_name: str):
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name(study_name)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("chae.role") == "study"]
+    cells = [r for r in runs if r.data.tags.get("chae.role") == "cell"]
+    return client, parents, cells
+
+
+def complete_trials(study, runs_dir: Path) -> list:
+    ledger = open_ledger(study, RunOptions(runs_dir=runs_dir))
+    return [t for t in ledger.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+
+
+def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
+    study = load_study(TINY)
+    rows = run_study(study, RunOptions(progress=False))
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    client, parents, cells = cell_runs("synthetic-tiny")
+    assert len(parents) == 1 and len(cells) == 4
+    assert {(r.data.tags["variant"], r.data.tags["seed"]) for r in cells} == {
+        ("baseline", "0"), ("baseline", "1"), ("depth2", "0"), ("depth2", "1")}
+    for run in cells:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+        for tag in ("cell_hash", "git_commit", "git_dirty", "torch_version", "cuda_version", "device"):
+            assert run.data.tags[tag]
+        history = client.get_metric_history(run.info.run_id, "val_loss")
+        assert sorted(m.step for m in history) == [1, 2]
+        for key in ("best_val_loss", "best_epoch", "test_loss", "test_acc", "n_params", "mflops",
+                    "images_per_s", "wall_time_s"):
+            assert key in run.data.metrics
+        assert run.data.metrics["best_val_loss"] == min(m.value for m in history)
+        assert run.data.params["model.transformer.depth"] in ("1", "2")
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"config.json", "learning_curve.png"} <= artifacts and any(a.endswith(".csv") for a in artifacts)
+    trials = complete_trials(study, Path("runs"))
+    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.hash for c in study.cells())
+    assert all(len(t.intermediate_values) == 2 for t in trials)
+    assert Path("mlflow.db").exists() and not Path("mlruns").exists()
+
+
+def test_rerun_skips_finished_cells_and_fresh_starts_over(workdir):
+    study = load_study(TINY)
+    run_study(study, RunOptions(progress=False))
+    run_study(study, RunOptions(progress=False))
+    assert len(cell_runs("synthetic-tiny")[2]) == 4
+    assert len(complete_trials(study, Path("runs"))) == 4
+    run_study(study, RunOptions(progress=False, fresh=True))
+    assert len(cell_runs("synthetic-tiny")[2]) == 4  # the old runs were deleted
+    assert len(complete_trials(study, Path("runs"))) == 4
+
+
+def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
+    study = load_study(TINY, {"protocol.epochs": 3})
+    cell = study.cells()[0]
+    data = load_dataset(cell.config.data, cell.config.model.resolution, Path("runs"), progress=False)
+    device = torch.device("cpu")
+    first = train_cell(cell.config, cell.seed, data, device)
+    second = train_cell(cell.config, cell.seed, data, device)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "images_per_s"} for e in h]  # noqa: E731
+    assert strip(first.history) == strip(second.history)
+
+    class Crash(Exception):
+        pass
+
+    class CrashAfterEpoch2:
+        def restore(self, history):
+            self.restored = len(history)
+
+        def log_epoch(self, epoch, metrics):
+            if epoch == 2:
+                raise Crash
+
+    with pytest.raises(Crash):
+        train_cell(cell.config, cell.seed, data, device, Path("ckpt"), CrashAfterEpoch2())
+    tracker = CrashAfterEpoch2()
+    resumed = train_cell(cell.config, cell.seed, data, device, Path("ckpt"), tracker)
+    assert tracker.restored == 2 and resumed.resumed_from == 2
+    assert strip(resumed.history) == strip(first.history)
+    assert (resumed.best_val_loss, resumed.test_loss, resumed.test_acc) == (
+        first.best_val_loss, first.test_loss, first.test_acc)
+
+
+def test_non_finite_loss_fails_the_cell_and_the_study_goes_on(workdir):
+    raw = {"name": "nan", "data": {"source": "synthetic", "synthetic_classes": 2, "synthetic_per_class": 12,
+                                   "augment": {"copies": 0}},
+           "protocol": {"epochs": 1, "lr": 1.0e30, "optimizer": "sgd"},
+           "model": {"resolution": 16, "conv": {"stages": [{"channels": 4}, {"channels": 4}]},
+                     "transformer": {"depth": 1, "heads": 1, "dim": 4, "mlp_hidden": [4]}},
+           "variants": {"small_lr": {"set": {"protocol.lr": 0.001}}}}
+    rows = run_study(study_from_dict(raw, {}), RunOptions(progress=False))
+    states = {r["variant"]: r for r in rows}
+    assert states["baseline"]["state"] == "FAIL" and "non-finite" in states["baseline"]["failure_reason"]
+    assert states["small_lr"]["state"] == "COMPLETE"
+    _, _, cells = cell_runs("nan")
+    failed = [r for r in cells if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "non-finite" in failed[0].data.tags["failure_reason"]
+
+
+def test_missing_paper_dataset_is_one_clear_line(workdir):
+    result = CliRunner().invoke(app, ["run", str(STUDIES / "paper11.yaml"), "--no-progress"])
+    assert result.exit_code == 1
+    assert "data/artworks" in result.output and "chae-ablate data prepare" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+
+
+SLOW_STUDY = """
+name: killme
+data: {source: synthetic, synthetic_classes: 3, synthetic_per_class: 60, augment: {copies: 1}}
+protocol: {epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}
+model:
+  resolution: 32
+  conv: {stages: [{channels: 16}, {channels: 16}, {channels: 32}]}
+  transformer: {depth: 1, heads: 2, dim: 32, mlp_hidden: [64]}
+variants:
+  depth2: {set: {model.transformer.depth: 2}}
+"""
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def final_metrics(cwd: Path) -> dict:
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{cwd}/mlflow.db")
+    exp = client.get_experiment_by_name("killme")
+    runs = client.search_runs([exp.experiment_id], "tags.`chae.role` = 'cell'")
+    return {r.data.tags["variant"]: r for r in runs}, client
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
+    (tmp_path / "s.yaml").write_text(SLOW_STUDY)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    reference = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=straight)
+
+    victim = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed, start_new_session=True)
+    checkpoints = killed / "runs" / "checkpoints" / "killme"
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(checkpoints.glob("*/last.pt")):
+        time.sleep(0.2)
+    time.sleep(0.5)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    interrupted = [p.parent.name for p in checkpoints.glob("*/last.pt")]
+    assert interrupted, "the run was killed before its first checkpoint"
+
+    out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed).communicate(timeout=600)
+    assert "COMPLETE" in out, out
+    ref_out, _ = reference.communicate(timeout=600)
+    assert reference.returncode == 0, ref_out
+
+    resumed, client = final_metrics(killed)
+    expected, ref_client = final_metrics(straight)
+    assert set(resumed) == set(expected) == {"baseline", "depth2"}
+    all_runs = client.search_runs([client.get_experiment_by_name("killme").experiment_id],
+                                  "tags.`chae.role` = 'cell'")
+    assert len(all_runs) == 2  # the interrupted cell continued its own run: no duplicates
+    for variant, run in resumed.items():
+        assert run.info.status == "FINISHED"
+        for key in ("best_val_loss", "best_epoch", "test_loss", "test_acc"):
+            assert run.data.metrics[key] == expected[variant].data.metrics[key], (variant, key)
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
+        assert sorted(steps) == list(range(1, 7))
+    ledger = optuna.load_study(study_name="killme", storage=f"sqlite:///{killed}/runs/optuna.db")
+    complete = [t for t in ledger.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_storage_run_every_cell_once(workdir):
+    study = load_study(TINY, {"protocol.seeds": [0, 1, 2]})
+    run_study(study, RunOptions(progress=False, workers=2))
+    _, _, cells = cell_runs("synthetic-tiny")
+    assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
+    assert len({r.data.tags["cell_hash"] for r in cells}) == 6
+    trials = complete_trials(study, Path("runs"))
+    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.hash for c in study.cells())
