@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import augment_batch, to_float
-from .config import ExperimentConfig
+from .config import AugmentConfig, ExperimentConfig
 from .data import Dataset, Split
 from .errors import ChaeError
 from .model import build_model, count_parameters, forward_flops
@@ -200,26 +200,45 @@ def _train_epoch(model, optimizer, train: Batches, config: ExperimentConfig, see
                unit="batch", dynamic_ncols=True)
     start = time.perf_counter()
     for i, offset in enumerate(bar):
-        idx = indices[offset:offset + p.batch_size].to(train.device, non_blocking=True)
-        rows = augmented[offset:offset + p.batch_size].nonzero().squeeze(1)  # on the host: no sync
-        x = to_float(train.images[idx])
-        if len(rows):
-            rows = rows.to(train.device, non_blocking=True)
-            x[rows] = augment_batch(train.images[idx[rows]], aug, augment_rng)
-        y = train.labels[idx]
-        with autocast():
-            logits = model(_memory_format(x))
-            loss = F.cross_entropy(logits.float(), y)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        loss_sum += loss.detach() * len(y)
+        x, y = mixed_batch(train, indices[offset:offset + p.batch_size],
+                           augmented[offset:offset + p.batch_size], aug, augment_rng)
+        loss, logits = train_step(model, optimizer, x, y, autocast)
+        loss_sum += loss * len(y)
         correct += (logits.argmax(1) == y).sum()
         if progress and i % 10 == 0:
             bar.set_postfix(loss=f"{loss_sum.item() / (offset + len(y)):.3f}")
     n = len(indices)
     loss_value, acc = loss_sum.item() / n, correct.item() / n  # the epoch's only host syncs
     return loss_value, acc, n / (time.perf_counter() - start)
+
+
+def mixed_batch(train: Batches, indices: torch.Tensor, augmented: torch.Tensor, aug: AugmentConfig,
+                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch of the k:1 mix as (float images, labels) on the training device.
+
+    `indices` and `augmented` are host slices of `epoch_plan`'s output; the rows marked augmented
+    get a fresh random transform from `generator`, the others are the cached pixels as they are.
+    """
+    idx = indices.to(train.device, non_blocking=True)
+    rows = augmented.nonzero().squeeze(1)  # on the host: no sync
+    x = to_float(train.images[idx])
+    if len(rows):
+        rows = rows.to(train.device, non_blocking=True)
+        x[rows] = augment_batch(train.images[idx[rows]], aug, generator)
+    return x, train.labels[idx]
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+               y: torch.Tensor, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step (forward, cross-entropy, backward, update); returns the detached
+    (loss, logits) without a host sync."""
+    with autocast():
+        logits = model(_memory_format(x))
+        loss = F.cross_entropy(logits.float(), y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logits.detach()
 
 
 def _fresh_state() -> dict:
