@@ -9,6 +9,7 @@ Only this module imports optuna.
 """
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import os
 import re
@@ -19,6 +20,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
 from optuna.trial import Trial, TrialState
@@ -57,25 +59,59 @@ def _safe_url(url: str) -> str:
     return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
 
 
+def _with_driver(url: str) -> str:
+    """postgresql:// with the psycopg2 driver when that is the one installed (chae-ablate[postgres]):
+    SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3."""
+    if (url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
+    return url
+
+
 def open_ledger(study: Study, options: RunOptions) -> optuna.Study:
     """The Optuna study that queues this ablation study's cells."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    url = options.storage_url
+    url, shown = _with_driver(options.storage_url), _safe_url(options.storage_url)
+    engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
     if url.startswith("sqlite:///"):
         Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    elif url.startswith("postgresql"):
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
-        storage = RDBStorage(url, heartbeat_interval=options.heartbeat_s, grace_period=options.grace_s,
-                             heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-                             engine_kwargs={"pool_pre_ping": True})
+        racing_worker = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError)  # noqa: E731 (it created the tables)
+        storage = _retrying(RDBStorage, url, heartbeat_interval=options.heartbeat_s, grace_period=options.grace_s,
+                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                            engine_kwargs=engine_kwargs, transient=racing_worker)
         return optuna.create_study(study_name=study.name, storage=storage, direction="minimize",
                                    load_if_exists=True)
-    except ModuleNotFoundError as err:
-        raise ChaeError(f"--storage {_safe_url(url)}: needs the {err.name} driver; "
+    except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
+        driver = getattr(err.__cause__, "name", None) or err.name or "database"
+        raise ChaeError(f"--storage {shown}: needs the {driver} driver; "
                         "pip install 'chae-ablate[postgres]'") from None
     except Exception as err:  # sqlalchemy's connection and URL errors
         reason = str(err).strip().splitlines()[0][:200]
-        raise ChaeError(f"--storage {_safe_url(url)}: cannot open the Optuna storage ({reason})") from None
+        raise ChaeError(f"--storage {shown}: cannot open the Optuna storage ({reason})") from None
+
+
+def _lost_connection(err: BaseException) -> sqlalchemy.exc.OperationalError | None:
+    """The database connection error behind err (raw, or wrapped in optuna's StorageInternalError)."""
+    for e in (err, err.__cause__):
+        if isinstance(e, sqlalchemy.exc.OperationalError):
+            return e
+    return None
+
+
+def _retrying(call, *args, transient=_lost_connection, attempts: int = 5, **kwargs):
+    """call(*args, **kwargs), retried after 1, 2, 4, 8 s while transient(error): by default a
+    database connection lost for a moment."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if attempt == attempts - 1 or not transient(err):
+                raise
+            time.sleep(2 ** attempt)
 
 
 def sync_queue(ledger: optuna.Study, cells: list[Cell]) -> int:
@@ -165,10 +201,9 @@ class Worker:
         """Returns the number of cells this worker trained."""
         done = 0
         while True:
-            fail_stale_trials(self.ledger)
-            trial = claim_next(self.ledger)
+            trial, others_running = _retrying(self._next)
             if trial is None:
-                if not self.ledger.get_trials(deepcopy=False, states=ACTIVE):
+                if not others_running:
                     return done
                 time.sleep(poll_s)  # others are running: wait, in case one of them dies
                 continue
@@ -181,6 +216,12 @@ class Worker:
                 self.run_cell(cell, trial)
             done += 1
             on_cell_done()
+
+    def _next(self) -> tuple[Trial | None, bool]:
+        """(a claimed trial or None, whether other workers' trials are still active)."""
+        fail_stale_trials(self.ledger)
+        trial = claim_next(self.ledger)
+        return trial, trial is None and bool(self.ledger.get_trials(deepcopy=False, states=ACTIVE))
 
     def run_cell(self, cell: Cell, trial: Trial) -> None:
         checkpoints = self.options.runs_dir / "checkpoints" / self.study.name / cell.hash
@@ -202,19 +243,39 @@ class Worker:
             self._fail(trial, run, str(err))
             return
         except Exception as err:
-            self._fail(trial, run, f"{type(err).__name__}: {err}")
+            lost = _lost_server(err)
+            self._fail(trial, run, lost or f"{type(err).__name__}: {err}")
+            if lost:
+                raise ChaeError(f"cell {cell.label}: {lost}; its checkpoint is kept, rerun to resume") from None
             raise
         curve = learning_curve(result.history, cell.label, checkpoints / "learning_curve.png")
         run.log_artifact(curve)
         run.finish(result.summary())
         for key, value in result.summary().items():
-            trial.set_user_attr(key, value)
-        self.ledger.tell(trial, result.best_val_loss)
+            _retrying(trial.set_user_attr, key, value)
+        _retrying(self.ledger.tell, trial, result.best_val_loss)
 
     def _fail(self, trial: Trial, run: tracking.CellRun, reason: str) -> None:
-        run.fail(reason)
-        trial.set_user_attr("failure_reason", reason)
-        self.ledger.tell(trial, state=TrialState.FAIL)
+        """Best effort on each side, as one of them may be the server that was lost: an MLflow run
+        left RUNNING is marked FAILED by the cell's next attempt; a trial left RUNNING goes stale
+        and is re-queued."""
+        try:
+            run.fail(reason)
+        except Exception:
+            pass
+        try:
+            _retrying(trial.set_user_attr, "failure_reason", reason[:2000])
+            _retrying(self.ledger.tell, trial, state=TrialState.FAIL)
+        except Exception:
+            pass
+
+
+def _lost_server(err: Exception) -> str | None:
+    """What a lost connection to one of the two servers says about it, or None for any other error."""
+    lost = _lost_connection(err)
+    if lost is not None:
+        return f"lost the connection to the Optuna storage ({str(lost.orig).strip().splitlines()[0][:200]})"
+    return tracking.lost_server(err)
 
 
 class _Reporter:
@@ -232,7 +293,7 @@ class _Reporter:
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log_epoch(epoch, metrics)
-        self.trial.report(metrics["val_loss"], epoch)
+        _retrying(self.trial.report, metrics["val_loss"], epoch)
 
 
 def _checkpoint_epochs(directory: Path) -> int:
@@ -313,10 +374,15 @@ def _child_main(study: Study, options: RunOptions, index: int) -> None:
 
 
 def run_worker(study: Study, options: RunOptions) -> int:
-    """Join a running study (another process or machine) and train cells until none are left."""
+    """Join a study (another process or machine) and train cells until none are left.
+
+    It queues missing cells too, so machines may start in any order; a cell queued twice by a
+    race runs once (_is_duplicate)."""
     tracking.check_tracking_server()
     _set_threads(options, 1)
-    return Worker(study, options, pick_device(options.device)).run()
+    worker = Worker(study, options, pick_device(options.device))
+    sync_queue(worker.ledger, study.cells())
+    return worker.run()
 
 
 def _set_threads(options: RunOptions, workers: int) -> None:
@@ -336,7 +402,10 @@ class _StudyBar:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.refresh()
+        try:
+            self.refresh()
+        except Exception:  # the ledger is gone: the error that ended the run matters, not the bar
+            pass
         self.bar.close()
 
     def refresh(self) -> None:

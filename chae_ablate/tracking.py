@@ -26,6 +26,7 @@ EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
 SUMMARY_METRICS = ("best_val_loss", "best_epoch", "val_acc_at_best", "test_loss", "test_acc",
                    "n_params", "mflops", "images_per_s", "wall_time_s")
 ROLE = "chae.role"
+PARENT_SETTLE_S = 2.0  # how long a worker that created a parent run waits for racing ones
 
 
 def tracking_uri() -> str:
@@ -65,6 +66,15 @@ def check_tracking_server() -> None:
     except OSError as err:
         raise ChaeError(f"MLflow tracking server {uri} is not reachable ({err}); "
                         "start it (mlflow server ...) or unset MLFLOW_TRACKING_URI") from None
+
+
+def lost_server(err: Exception) -> str | None:
+    """What a tracking server that stopped answering (after MLflow's own retries) says, else None."""
+    import requests
+    cause = err.__cause__ or err.__context__
+    if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
+        return f"lost the MLflow tracking server {tracking_uri()} ({type(cause).__name__})"
+    return None
 
 
 @cache
@@ -116,17 +126,22 @@ class StudyLog:
             return self.client.get_experiment_by_name(self.study_name).experiment_id
 
     def _parent_run(self, plan: list[dict]) -> str:
+        """The study's one parent run. Workers that start together may each create one: after a
+        pause every creator sees them all, the same one wins (oldest, then lowest id), losers delete theirs."""
         found = self._parents()
         if not found:
-            run = self.client.create_run(self.experiment_id, run_name=self.study_name,
-                                         tags={ROLE: "study", **source_tags()})
-            self.client.log_dict(run.info.run_id, {"cells": plan}, "plan.json")
-            found = self._parents()  # oldest wins if two workers raced here
+            mine = self.client.create_run(self.experiment_id, run_name=self.study_name,
+                                          tags={ROLE: "study", **source_tags()}).info.run_id
+            self.client.log_dict(mine, {"cells": plan}, "plan.json")
+            time.sleep(PARENT_SETTLE_S)  # lets a racing worker's parent become visible
+            found = self._parents()
+            if found[0].info.run_id != mine:
+                self.client.delete_run(mine)
         return found[0].info.run_id
 
     def _parents(self) -> list:
-        return self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'study'",
-                                       order_by=["attributes.start_time ASC"])
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'study'")
+        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
     def update_plan(self, plan: list[dict]) -> None:
         self.client.log_dict(self.parent_id, {"cells": plan}, "plan.json")

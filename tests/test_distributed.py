@@ -1,0 +1,291 @@
+"""Many machines: real PostgreSQL (the Optuna ledger) and a real MLflow tracking server on 127.0.0.1.
+
+Each worker is a separate `chae-ablate` process with its own working directory and runs dir, so
+the processes share nothing but the two servers, as on separate machines. Skipped, with the
+reason, where the PostgreSQL binaries are missing.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from chae_ablate.cli import app
+
+from conftest import STUDIES
+
+pytestmark = pytest.mark.slow
+
+SLOW_STUDY = """
+name: dist-kill
+data: {source: synthetic, synthetic_classes: 3, synthetic_per_class: 60, augment: {copies: 1}}
+protocol: {epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}
+model:
+  resolution: 32
+  conv: {stages: [{channels: 16}, {channels: 16}, {channels: 32}]}
+  transformer: {depth: 1, heads: 2, dim: 32, mlp_hidden: [64]}
+variants:
+  depth2: {set: {model.transformer.depth: 2}}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(ready, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if ready():
+            return
+        time.sleep(0.3)
+    tail = log.read_text()[-2000:] if log and log.exists() else ""
+    pytest.skip(f"{what} did not start within {timeout:.0f} s\n{tail}")
+
+
+def _pg_bin() -> Path | None:
+    for candidate in [shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]]:
+        if candidate and Path(candidate).with_name("postgres").exists():
+            return Path(candidate).resolve().parent
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL cluster; yields the URL of an empty database `chae`."""
+    bindir = _pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb, postgres) not found on PATH or in /usr/lib/postgresql/*/bin; "
+                    "install postgresql to run the multi-machine tests")
+    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[dev]'")
+    user = {}
+    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the `postgres` user
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
+        user = {"user": pw.pw_uid, "group": pw.pw_gid}
+        # pytest's tmp root is private to root, so the cluster lives in its own folder
+        base = Path(tempfile.mkdtemp(prefix="chae-pg-"))
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    else:
+        base = tmp_path_factory.mktemp("pg")
+    data, port, log = base / "data", free_port(), base / "postgres.log"
+    initdb = subprocess.run([bindir / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync",
+                             "-E", "UTF8"], cwd=base, capture_output=True, text=True, **user)
+    if initdb.returncode:
+        pytest.skip(f"initdb failed: {initdb.stderr.strip()[-500:]}")
+    with open(log, "w") as out:
+        os.chown(log, *(user.values() or (os.getuid(), os.getgid())))
+        server = subprocess.Popen([bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
+                                   "-k", base, "-c", "fsync=off"], cwd=base, stdout=out,
+                                  stderr=subprocess.STDOUT, **user)
+
+    def accepting() -> bool:
+        try:
+            psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres").close()
+            return True
+        except psycopg2.OperationalError:
+            return False
+    try:
+        wait_until(accepting, 30, "PostgreSQL", log)
+        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
+        conn.autocommit = True
+        conn.cursor().execute("CREATE DATABASE chae")
+        conn.close()
+        yield f"postgresql://postgres@127.0.0.1:{port}/chae"
+    finally:
+        server.send_signal(signal.SIGINT)  # fast shutdown
+        server.wait(timeout=30)
+        if user:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a sqlite backend and its own artifact store; yields its URL."""
+    base = tmp_path_factory.mktemp("mlflow")
+    port, log = free_port(), base / "mlflow.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
+                                   "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
+                                   "--artifacts-destination", str(base / "artifacts"),
+                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                                  cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+
+    def healthy() -> bool:
+        try:
+            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
+        except OSError:
+            return server.poll() is not None  # died: stop waiting
+    try:
+        wait_until(healthy, 90, "mlflow server", log)
+        if server.poll() is not None:
+            pytest.skip(f"mlflow server exited:\n{log.read_text()[-2000:]}")
+        yield url
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+
+
+def cli(*args: str, cwd: Path, tracking: str | None) -> subprocess.Popen:
+    """`chae-ablate ARGS` in its own process group, working directory and runs dir."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    if tracking:
+        env["MLFLOW_TRACKING_URI"] = tracking
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args, "--no-progress", "--device", "cpu"],
+                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    try:
+        out, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, _ = process.communicate()
+        pytest.fail(f"timed out:\n{out}")
+    assert process.returncode == 0, out
+    assert "Traceback" not in out, out
+    return out
+
+
+def study_file(tmp_path: Path, text: str, name: str) -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text.replace(text.split("name: ", 1)[1].split("\n", 1)[0], name, 1))
+    return path
+
+
+def ledger_trials(storage: str, name: str) -> list:
+    return optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg2://"),
+                             ).get_trials()
+
+
+def cell_runs(tracking: str, name: str) -> tuple[list, list]:
+    client = mlflow.tracking.MlflowClient(tracking)
+    exp = client.get_experiment_by_name(name)
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    return ([r for r in runs if r.data.tags.get("chae.role") == "study"],
+            [r for r in runs if r.data.tags.get("chae.role") == "cell"])
+
+
+def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflow_server, tmp_path,
+                                                                 monkeypatch):
+    name = "dist-tiny"
+    study = study_file(tmp_path, (STUDIES / "synthetic-tiny.yaml").read_text(), name)
+    common = (str(study), "--seeds", "0,1,2", "--storage", postgres)
+    first = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
+    others = [cli("worker", *common, cwd=tmp_path / m, tracking=mlflow_server) for m in ("m2", "m3")]
+    outputs = [finish(p) for p in (first, *others)]
+    assert outputs[0].count("COMPLETE") == 6, outputs[0]
+
+    trials = ledger_trials(postgres, name)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(complete) == 6 and len({t.user_attrs["cell_hash"] for t in complete}) == 6
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    parents, cells = cell_runs(mlflow_server, name)
+    assert len(parents) == 1
+    assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
+    assert len({r.data.tags["cell_hash"] for r in cells}) == 6
+    assert {r.data.tags["mlflow.parentRunId"] for r in cells} == {parents[0].info.run_id}
+    assert {r.data.tags["cell_hash"] for r in cells} == {t.user_attrs["cell_hash"] for t in complete}
+
+    # the report, from two more machines that ran nothing, lists every cell and is the same on both
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    tables = []
+    for machine in ("r1", "r2"):
+        (tmp_path / machine).mkdir()
+        monkeypatch.chdir(tmp_path / machine)
+        result = CliRunner().invoke(app, ["report", name])
+        assert result.exit_code == 0, result.output
+        tables.append(pd.read_csv(Path("reports") / name / "results.csv"))
+    assert len(tables[0]) == 6
+    assert set(zip(tables[0]["variant"], tables[0]["seed"])) == {
+        (v, s) for v in ("baseline", "depth2") for s in (0, 1, 2)}
+    pd.testing.assert_frame_equal(tables[0], tables[1])
+
+
+def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path):
+    name = "dist-kill"
+    study = study_file(tmp_path, SLOW_STUDY, name)
+    common = (str(study), "--storage", postgres)
+    victim = cli("worker", *common, cwd=tmp_path / "m2", tracking=mlflow_server)
+    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
+    checkpoints = tmp_path / "m2" / "runs" / "checkpoints" / name
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(checkpoints.glob("*/last.pt")) and victim.poll() is None:
+        time.sleep(0.2)
+    assert any(checkpoints.glob("*/last.pt")), "the victim finished no epoch: " + (
+        victim.communicate()[0] if victim.poll() is not None else "timed out")
+    time.sleep(0.5)  # mid-cell: after a checkpoint and its MLflow epoch
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    killed_cell = next(checkpoints.glob("*/last.pt")).parent.name
+
+    out = finish(survivor)  # waits out the 15 s heartbeat grace, then trains the killed cell itself
+    assert out.count("COMPLETE") == 2, out
+    trials = ledger_trials(postgres, name)
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]
+    stale = [t.state for t in trials if t.user_attrs["cell_hash"] == killed_cell and t not in complete]
+    assert stale == [optuna.trial.TrialState.FAIL]  # the killed attempt, retried once
+
+    _, cells = cell_runs(mlflow_server, name)
+    assert not [r for r in cells if r.info.status == "RUNNING"]
+    finished = [r for r in cells if r.info.status == "FINISHED"]
+    assert sorted(r.data.tags["variant"] for r in finished) == ["baseline", "depth2"]
+    failed = [r for r in cells if r.info.status == "FAILED"]
+    assert all(r.data.tags["cell_hash"] == killed_cell and "worker lost" in r.data.tags["failure_reason"]
+               for r in failed)
+    assert len(failed) == 1  # the killed attempt had logged an epoch the new one does not resume from
+
+
+def one_clear_line(process: subprocess.Popen, *expected: str) -> None:
+    out, _ = process.communicate(timeout=120)
+    assert process.returncode == 1, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    assert "Traceback" not in out
+    for text in expected:
+        assert text in lines[0], out
+
+
+def test_unreachable_servers_fail_in_one_clear_line(postgres, tmp_path):
+    tiny = str(STUDIES / "synthetic-tiny.yaml")
+    closed = f"127.0.0.1:{free_port()}"
+    no_database = postgres.rsplit("/", 1)[0] + "/nosuchdb"
+    checks = [
+        (cli("run", tiny, "--storage", f"postgresql://chae:secret@{closed}/chae", cwd=tmp_path / "a",
+             tracking=None), (f"postgresql://chae:***@{closed}/chae", "cannot open")),
+        (cli("worker", tiny, "--storage", no_database, cwd=tmp_path / "b", tracking=None),
+         ("nosuchdb", "does not exist")),
+        (cli("worker", tiny, "--storage", "postgersql://x@h/db", cwd=tmp_path / "c", tracking=None),
+         ("postgersql://x@h/db",)),
+        (cli("run", tiny, cwd=tmp_path / "d", tracking=f"http://{closed}"),
+         (f"MLflow tracking server http://{closed} is not reachable",)),
+        (cli("worker", tiny, "--storage", postgres, cwd=tmp_path / "e", tracking=f"http://{closed}"),
+         (f"MLflow tracking server http://{closed} is not reachable",)),
+    ]
+    for process, expected in checks:
+        one_clear_line(process, *expected)
