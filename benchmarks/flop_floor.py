@@ -29,10 +29,10 @@ from chae_ablate.augment import to_float
 from chae_ablate.config import DataConfig
 from chae_ablate.data import assign_splits, scan_folder
 from chae_ablate.errors import ChaeError
-from chae_ablate.model import build_model, forward_flops
+from chae_ablate.model import forward_flops
 from chae_ablate.plan import expected_classes
 from chae_ablate.study import Study, load_study, parse_assignments
-from chae_ablate.train import make_optimizer, pick_device, train_step
+from chae_ablate.train import autocast_for, make_optimizer, pick_device, setup_model, train_step
 
 # Images per artist in the paper's task (Kaggle "Best Artworks of All Time", > 200 paintings).
 PAPER_CLASS_SIZES = (877, 702, 439, 336, 328, 311, 291, 262, 259, 255, 239)
@@ -87,12 +87,9 @@ def matmul_tflops(device: torch.device, n: int = 4096, repeats: int = 10) -> flo
 
 def measure_cell(config, num_classes: int, batch: int, steps: int, device: torch.device) -> float:
     """Training images/s of one cell's model on a resident random uint8 batch (throughput.py row 1)."""
-    from contextlib import nullcontext
-
-    torch.manual_seed(0)
-    model = build_model(config.model, num_classes).to(device).train()
+    model = setup_model(config.model, num_classes, device, seed=0).train()
     optimizer = make_optimizer(config, model.parameters())
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
+    autocast = autocast_for(device)
     r = config.model.resolution
     images = torch.randint(0, 256, (batch, 3, r, r), dtype=torch.uint8, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)

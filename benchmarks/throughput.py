@@ -35,7 +35,6 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -47,8 +46,7 @@ from chae_ablate.augment import affine_theta, apply_affine, augment_batch, sampl
 from chae_ablate.config import DataConfig, ModelConfig
 from chae_ablate.data import load_dataset, scan_folder
 from chae_ablate.errors import ChaeError
-from chae_ablate.model import build_model
-from chae_ablate.train import Batches, epoch_plan, mixed_batch, pick_device, train_step
+from chae_ablate.train import Batches, autocast_for, epoch_plan, mixed_batch, pick_device, setup_model, train_step
 
 LARGE_SIZE = (1400, 1100)  # (width, height): about the mean size of the paper's Kaggle originals
 LARGE_QUALITY = 90
@@ -150,15 +148,9 @@ def timed_cache(root: Path, resolution: int, runs: Path):
 # --- the three rows ----------------------------------------------------------------------------
 
 def fresh_model(resolution: int, num_classes: int, device: torch.device, seed: int):
-    """The paper's baseline at `resolution`, Adam 1e-4, and the autocast train_cell uses."""
-    torch.manual_seed(seed)
-    model = build_model(ModelConfig(resolution=resolution), num_classes).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else nullcontext
-    model.train()
-    return model, optimizer, autocast
+    """The paper's baseline at `resolution`, Adam 1e-4, set up exactly as train_cell does."""
+    model = setup_model(ModelConfig(resolution=resolution), num_classes, device, seed).train()
+    return model, torch.optim.Adam(model.parameters(), lr=1e-4), autocast_for(device)
 
 
 def model_alone_step(data, args, res, device):
