@@ -312,14 +312,14 @@ def plan(study: Study) -> list[dict]:
 
 def prepare(study: Study, options: RunOptions) -> optuna.Study:
     """Everything that can fail before training: data present and cached, servers reachable."""
+    cache = DataCache(options.runs_dir, options.progress)
+    for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
+        cache.get(*key)  # builds each resolution's decode-once cache before any worker starts
     tracking.check_tracking_server()
     ledger = open_ledger(study, options)
     if options.fresh:
         _forget(study, options)
         ledger = open_ledger(study, options)
-    cache = DataCache(options.runs_dir, options.progress)
-    for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
-        cache.get(*key)  # builds each resolution's decode-once cache before any worker starts
     tracking.StudyLog(study.name, plan(study), options.runs_dir).update_plan(plan(study))
     sync_queue(ledger, study.cells())
     return ledger
