@@ -77,18 +77,24 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir,
                          fresh=fresh, progress=progress, compile=compile)
     rows = run_study(loaded, options)
-    _print_summary(rows)
     if report:
-        from .report import write_report
-        typer.echo(f"report: {write_report(loaded.name)}")
-    failed = [r for r in rows if r["state"] != "COMPLETE"]
-    if failed:
-        raise ChaeError(f"{len(failed)} of {len(rows)} cells did not finish; rerun the same command to retry")
+        from .report import write_report, summary_table_text
+        path = write_report(loaded.name)
+        typer.echo(summary_table_text(path.parent))
+        typer.echo(f"report: {path}")
+    else:
+        _print_cells(rows)
+    unfinished = [r for r in rows if r["state"] != "COMPLETE"]
+    for r in unfinished:
+        typer.echo(f"not finished: {r['variant']}/seed{r['seed']} {r['state']} {r['failure_reason']}")
+    if unfinished:
+        raise ChaeError(f"{len(unfinished)} of {len(rows)} cells did not finish; rerun the same command to retry")
 
 
-def _print_summary(rows: list[dict]) -> None:
+def _print_cells(rows: list[dict]) -> None:
+    """Per cell: variant, seed, state, best validation loss, test accuracy."""
     import pandas as pd
-    table = pd.DataFrame(rows)
+    table = pd.DataFrame(rows).drop(columns="failure_reason")
     table["test_acc"] = table["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.3f}")
     table["best_val_loss"] = table["best_val_loss"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
     typer.echo(table.to_string(index=False))

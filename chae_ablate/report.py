@@ -211,6 +211,11 @@ def format_summary_table(summary: pd.DataFrame) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def summary_table_text(report_dir: Path) -> str:
+    """The short per-variant table of a written report (what `run` prints at the end)."""
+    return format_summary_table(pd.read_csv(Path(report_dir) / "summary.csv"))
+
+
 def _intervals(summary: pd.DataFrame, prefix: str, spec: str) -> list[str]:
     return [_interval(lo, hi, spec) for lo, hi in zip(summary[f"{prefix}_low"], summary[f"{prefix}_high"])]
 

@@ -11,6 +11,21 @@ STUDIES = REPO / "studies"
 ARTISTS11 = REPO.parent / "shared" / "data" / "artists11"
 
 
+def slow_study(name: str) -> str:
+    """A synthetic study whose cells last long enough (a few seconds) to be killed mid-way."""
+    return f"""
+name: {name}
+data: {{source: synthetic, synthetic_classes: 3, synthetic_per_class: 100, augment: {{copies: 1}}}}
+protocol: {{epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}}
+model:
+  resolution: 32
+  conv: {{stages: [{{channels: 16}}, {{channels: 16}}, {{channels: 32}}]}}
+  transformer: {{depth: 1, heads: 2, dim: 32, mlp_hidden: [64]}}
+variants:
+  depth2: {{set: {{model.transformer.depth: 2}}}}
+"""
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """Run in an empty folder with its own MLflow store, as a user would."""

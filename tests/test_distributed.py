@@ -27,21 +27,11 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 
-from conftest import STUDIES
+from conftest import STUDIES, slow_study
 
 pytestmark = pytest.mark.slow
 
-SLOW_STUDY = """
-name: dist-kill
-data: {source: synthetic, synthetic_classes: 3, synthetic_per_class: 60, augment: {copies: 1}}
-protocol: {epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}
-model:
-  resolution: 32
-  conv: {stages: [{channels: 16}, {channels: 16}, {channels: 32}]}
-  transformer: {depth: 1, heads: 2, dim: 32, mlp_hidden: [64]}
-variants:
-  depth2: {set: {model.transformer.depth: 2}}
-"""
+SLOW_STUDY = slow_study("dist-kill")
 
 
 def free_port() -> int:
@@ -231,25 +221,30 @@ def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_
     study = study_file(tmp_path, SLOW_STUDY, name)
     common = (str(study), "--storage", postgres)
     victim = cli("worker", *common, cwd=tmp_path / "m2", tracking=mlflow_server)
-    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
     checkpoints = tmp_path / "m2" / "runs" / "checkpoints" / name
     deadline = time.time() + 120
     while time.time() < deadline and not any(checkpoints.glob("*/last.pt")) and victim.poll() is None:
         time.sleep(0.2)
     assert any(checkpoints.glob("*/last.pt")), "the victim finished no epoch: " + (
         victim.communicate()[0] if victim.poll() is not None else "timed out")
-    time.sleep(0.5)  # mid-cell: after a checkpoint and its MLflow epoch
+    time.sleep(0.3)  # mid-cell: after a checkpoint and its MLflow epoch
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    killed_cell = next(checkpoints.glob("*/last.pt")).parent.name
+    running = [t for t in ledger_trials(postgres, name) if t.state == optuna.trial.TrialState.RUNNING]
+    assert len(running) == 1, "the victim was not mid-cell when killed"
+    killed_cell = running[0].user_attrs["cell_hash"]
 
+    # another machine joins after the kill (started earlier, it could finish both cells before the
+    # victim claims one): it trains the other cell, then the killed one once its heartbeat is stale
+    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
     out = finish(survivor)  # waits out the 15 s heartbeat grace, then trains the killed cell itself
     assert out.count("COMPLETE") == 2, out
     trials = ledger_trials(postgres, name)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]
     stale = [t.state for t in trials if t.user_attrs["cell_hash"] == killed_cell and t not in complete]
-    assert stale == [optuna.trial.TrialState.FAIL]  # the killed attempt, retried once
+    assert stale == [optuna.trial.TrialState.FAIL], [  # the killed attempt, retried once
+        (t.number, t.state, t.user_attrs) for t in trials]
 
     _, cells = cell_runs(mlflow_server, name)
     assert not [r for r in cells if r.info.status == "RUNNING"]

@@ -31,7 +31,9 @@ def test_run_and_report_on_real_paintings(workdir):
     result = subprocess.run([sys.executable, "-m", "chae_ablate", "run", "study.yaml", "--no-progress"],
                             capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "COMPLETE" in result.stdout and "report: reports/artists-e2e/report.md" in result.stdout
+    assert "report: reports/artists-e2e/report.md" in result.stdout
+    table = result.stdout.split("report:")[0]  # the per-variant summary printed at the end
+    assert "verdict" in table and "depth1" in table and "1/1" in table
 
     report = workdir / "reports" / "artists-e2e"
     cells = pd.read_csv(report / "results.csv")

@@ -20,7 +20,7 @@ from chae_ablate.runner import RunOptions, open_ledger, run_study
 from chae_ablate.study import load_study, study_from_dict
 from chae_ablate.train import train_cell
 
-from conftest import STUDIES
+from conftest import STUDIES, slow_study
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 
@@ -132,17 +132,7 @@ def test_missing_paper_dataset_is_one_clear_line(workdir):
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
 
-SLOW_STUDY = """
-name: killme
-data: {source: synthetic, synthetic_classes: 3, synthetic_per_class: 60, augment: {copies: 1}}
-protocol: {epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}
-model:
-  resolution: 32
-  conv: {stages: [{channels: 16}, {channels: 16}, {channels: 32}]}
-  transformer: {depth: 1, heads: 2, dim: 32, mlp_hidden: [64]}
-variants:
-  depth2: {set: {model.transformer.depth: 2}}
-"""
+SLOW_STUDY = slow_study("killme")
 
 
 def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
