@@ -187,15 +187,27 @@ class DataCache:
         return self._loaded[key]
 
 
+@dataclass
+class Connection:
+    """What a process needs to work on a study: the ledger, the MLflow record, the loaded data."""
+
+    ledger: optuna.Study
+    log: tracking.StudyLog
+    data: DataCache
+
+
+def connect(study: Study, options: RunOptions, data: DataCache | None = None) -> Connection:
+    return Connection(open_ledger(study, options), tracking.StudyLog(study.name, plan(study), options.runs_dir),
+                      data or DataCache(options.runs_dir, options.progress))
+
+
 class Worker:
     """Claims and trains cells until the study's queue is empty and nothing else is running."""
 
-    def __init__(self, study: Study, options: RunOptions, device: torch.device, position: int = 0):
-        self.study, self.options, self.device, self.position = study, options, device, position
+    def __init__(self, study: Study, options: RunOptions, device: torch.device, connection: Connection):
+        self.study, self.options, self.device = study, options, device
         self.cells = {c.hash: c for c in study.cells()}
-        self.ledger = open_ledger(study, options)
-        self.log = tracking.StudyLog(study.name, plan(study), options.runs_dir)
-        self.data = DataCache(options.runs_dir, options.progress)
+        self.ledger, self.log, self.data = connection.ledger, connection.log, connection.data
 
     def run(self, poll_s: float = 2.0, on_cell_done=lambda: None) -> int:
         """Returns the number of cells this worker trained."""
@@ -310,24 +322,24 @@ def plan(study: Study) -> list[dict]:
 
 # --- the commands ----------------------------------------------------------------------------
 
-def prepare(study: Study, options: RunOptions) -> optuna.Study:
-    """Everything that can fail before training: data present and cached, servers reachable."""
-    cache = DataCache(options.runs_dir, options.progress)
+def prepare(study: Study, options: RunOptions) -> Connection:
+    """Everything that can fail before training: data present and cached, servers reachable;
+    then the study's cells queued."""
+    data = DataCache(options.runs_dir, options.progress)
     for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
-        cache.get(*key)  # builds each resolution's decode-once cache before any worker starts
+        data.get(*key)  # builds each resolution's decode-once cache before any worker starts
     tracking.check_tracking_server()
-    ledger = open_ledger(study, options)
     if options.fresh:
-        _forget(study, options)
-        ledger = open_ledger(study, options)
-    tracking.StudyLog(study.name, plan(study), options.runs_dir).update_plan(plan(study))
-    sync_queue(ledger, study.cells())
-    return ledger
+        _forget(study, options, open_ledger(study, options))
+    connection = connect(study, options, data)
+    connection.log.update_plan(plan(study))
+    sync_queue(connection.ledger, study.cells())
+    return connection
 
 
-def _forget(study: Study, options: RunOptions) -> None:
+def _forget(study: Study, options: RunOptions, ledger: optuna.Study) -> None:
     import shutil
-    optuna.delete_study(study_name=study.name, storage=options.storage_url)
+    optuna.delete_study(study_name=study.name, storage=ledger._storage)
     shutil.rmtree(options.runs_dir / "checkpoints" / study.name, ignore_errors=True)
     tracking.delete_study_runs(study.name)
 
@@ -335,19 +347,16 @@ def _forget(study: Study, options: RunOptions) -> None:
 def run_study(study: Study, options: RunOptions) -> list[dict]:
     """Train every unfinished cell of the study; returns one summary row per cell."""
     device = pick_device(options.device)
-    ledger = prepare(study, options)
+    connection = prepare(study, options)
     total = len(study.cells())
     if options.workers <= 1:
         _set_threads(options, 1)
-        bar = _StudyBar(ledger, study, total, options.progress)
-        worker = Worker(study, options, device)
-        worker.ledger = ledger
-        with bar:
-            worker.run(on_cell_done=bar.refresh)
+        with _StudyBar(connection.ledger, study, total, options.progress) as bar:
+            Worker(study, options, device, connection).run(on_cell_done=bar.refresh)
     else:
-        _run_children(study, options, ledger, total)
-    tracking.StudyLog(study.name, plan(study), options.runs_dir).finish()
-    return summary_rows(ledger, study)
+        _run_children(study, options, connection.ledger, total)
+    connection.log.finish()
+    return summary_rows(connection.ledger, study)
 
 
 def _run_children(study: Study, options: RunOptions, ledger: optuna.Study, total: int) -> None:
@@ -370,7 +379,8 @@ def _child_main(study: Study, options: RunOptions, index: int) -> None:
     if device.type == "cuda" and options.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
     _set_threads(options, options.workers)
-    Worker(study, replace(options, progress=False), device, position=index + 1).run()
+    options = replace(options, progress=False)
+    Worker(study, options, device, connect(study, options)).run()
 
 
 def run_worker(study: Study, options: RunOptions) -> int:
@@ -380,9 +390,9 @@ def run_worker(study: Study, options: RunOptions) -> int:
     race runs once (_is_duplicate)."""
     tracking.check_tracking_server()
     _set_threads(options, 1)
-    worker = Worker(study, options, pick_device(options.device))
-    sync_queue(worker.ledger, study.cells())
-    return worker.run()
+    connection = connect(study, options)
+    sync_queue(connection.ledger, study.cells())
+    return Worker(study, options, pick_device(options.device), connection).run()
 
 
 def _set_threads(options: RunOptions, workers: int) -> None:
