@@ -182,12 +182,17 @@ def _digest(text: str | bytes) -> str:
 
 # --- folder source ----------------------------------------------------------------------------
 
-def scan_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
-    """Class names (sorted sub-folder names) and every non-hidden file as (relative path, label)."""
+def class_names(root: Path) -> tuple[str, ...]:
+    """The classes of a class-per-folder tree: its non-hidden sub-folder names, sorted."""
     if not root.is_dir():
         what = "is not a directory" if root.exists() else "does not exist"
         raise DataError(f"data root {root} {what}; {MISSING_ROOT_HINT}")
-    classes = tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+    return tuple(sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")))
+
+
+def scan_folder(root: Path) -> tuple[tuple[str, ...], list[tuple[str, int]]]:
+    """Class names (sorted sub-folder names) and every non-hidden file as (relative path, label)."""
+    classes = class_names(root)
     files = []
     for label, name in enumerate(classes):
         for folder, dirs, names in os.walk(root / name):

@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 from .config import DataConfig
+from .data import class_names
 from .model import build_model, count_parameters, forward_flops
 from .study import Study, changed_paths
 
@@ -20,7 +21,7 @@ def expected_classes(data: DataConfig) -> tuple[int, str]:
         return data.synthetic_classes, "synthetic"
     root = Path(data.root or "")
     if root.is_dir():
-        return sum(p.is_dir() for p in root.iterdir()), str(root)
+        return len(class_names(root)), str(root)
     return PAPER_CLASSES, f"{root} not found; the paper's {PAPER_CLASSES} classes assumed"
 
 
