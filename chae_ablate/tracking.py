@@ -51,8 +51,8 @@ def _client():
 
 
 def _entities():
-    from mlflow.entities import Metric, Param, RunTag
-    return Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
+    return Metric, Param
 
 
 def check_tracking_server() -> None:
@@ -140,8 +140,7 @@ class StudyLog:
         return found[0].info.run_id
 
     def _parents(self) -> list:
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{ROLE}` = 'study'")
-        return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
+        return _parent_runs(self.client, self.experiment_id)
 
     def update_plan(self, plan: list[dict]) -> None:
         self.client.log_dict(self.parent_id, {"cells": plan}, "plan.json")
@@ -160,7 +159,7 @@ class StudyLog:
                 self.client.set_terminated(run.info.run_id, "FAILED")
         run = self.client.create_run(self.experiment_id, run_name=label,
                                      tags={"mlflow.parentRunId": self.parent_id, ROLE: "cell", **tags})
-        _, Param, _ = _entities()
+        _, Param = _entities()
         items = [Param(k, v[:6000]) for k, v in params.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -168,6 +167,12 @@ class StudyLog:
 
     def finish(self) -> None:
         self.client.set_terminated(self.parent_id, "FINISHED")
+
+
+def _parent_runs(client, experiment_id: str) -> list:
+    """The study's parent runs, the one in use first (oldest, then lowest id, as every worker picks)."""
+    runs = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'study'")
+    return sorted(runs, key=lambda r: (r.info.start_time, r.info.run_id))
 
 
 class CellRun:
@@ -201,7 +206,7 @@ class CellRun:
         self.client.set_terminated(self.run_id, "FAILED")
 
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
-        Metric, _, _ = _entities()
+        Metric, _ = _entities()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
@@ -253,8 +258,7 @@ def _epoch_rows(client, run) -> list[dict[str, Any]]:
 
 
 def _plan(client, experiment_id: str) -> list[dict]:
-    parents = client.search_runs([experiment_id], f"tags.`{ROLE}` = 'study'",
-                                 order_by=["attributes.start_time ASC"])
+    parents = _parent_runs(client, experiment_id)
     if not parents:
         return []
     with tempfile.TemporaryDirectory() as tmp:
@@ -269,8 +273,7 @@ def log_report_artifacts(study_name: str, report_dir: Path) -> None:
     """The report folder becomes artifacts of the study's parent run, under report/."""
     client = _client()
     exp = client.get_experiment_by_name(study_name)
-    parents = exp and client.search_runs([exp.experiment_id], f"tags.`{ROLE}` = 'study'",
-                                         order_by=["attributes.start_time ASC"])
+    parents = exp and _parent_runs(client, exp.experiment_id)
     if parents:
         client.log_artifacts(parents[0].info.run_id, str(report_dir), "report")
 
