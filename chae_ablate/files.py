@@ -1,0 +1,48 @@
+"""Files on disk: one atomic writer, and paths that cannot leave their folder.
+
+Every file the tool writes that another process may read while it is written (caches, manifests,
+checkpoints, report files) goes through `atomic_write`; every path built from a study name, a cell
+hash or any other user-influenced name goes through `inside`.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+from .errors import ChaeError
+
+
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
+    """Call write(file) on a temporary file in path's folder, then os.replace it onto path: a
+    reader, or a kill at any moment, sees the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def inside(parent: Path, *parts: str) -> Path:
+    """parent / parts..., refused unless it stays strictly below parent (no '..', no absolute part,
+    no symlink that leads out). Raises ChaeError naming the part."""
+    parent = Path(parent)
+    path = parent.joinpath(*parts)
+    for part in parts:
+        if not part or part in (".", "..") or "/" in part or "\\" in part or "\0" in part:
+            raise ChaeError(f"{part!r} cannot be used as a file or folder name under {parent}")
+    base, resolved = parent.resolve(), path.resolve()
+    if resolved == base or base not in resolved.parents:
+        raise ChaeError(f"{path} leaves its folder {parent}; refusing to use it")
+    return path
