@@ -5,17 +5,25 @@ zoom_range=0.2, horizontal_flip=True, fill_mode='nearest'). This module reproduc
 for a whole batch at once, one affine_grid + grid_sample call with per-sample parameters drawn from
 a torch.Generator, so it runs on the GPU every training step without a Python loop over samples.
 
-What Keras does (keras_preprocessing/image/affine_transformations.py, `apply_affine_transform`,
-and ImageDataGenerator.get_random_transform / apply_transform), checked against its source:
-- theta ~ U(-rotation_range, rotation_range) degrees, converted with np.deg2rad;
-- shear ~ U(-shear_range, shear_range), also converted with np.deg2rad: shear_range is in DEGREES,
-  so the paper's 0.2 is a barely visible 0.2 degree shear (kept as configured, not "fixed");
-- zx, zy ~ U(zoom_low, zoom_high) independently. The matrix maps OUTPUT coordinates to the input
-  coordinates that are sampled (scipy/tfa convention), so zx > 1 samples a wider area: it zooms OUT;
-- matrix = rotation @ shear @ zoom in (row, col) coordinates, about the image centre; no shift;
+What Keras >= 2.9 and Keras 3's legacy ImageDataGenerator do (keras-team/keras
+keras/src/legacy/preprocessing/image.py at v3.3.3, commit f6c4ac5: get_random_transform l. 1294,
+apply_transform l. 1385, transform_matrix_offset_center l. 1769, apply_affine_transform l. 1779;
+unchanged from keras/preprocessing/image.py in v2.9.0 to current master), for channels_last images:
+- theta ~ U(-rotation_range, rotation_range) degrees, shear ~ U(-shear_range, shear_range), both
+  converted with np.deg2rad: shear_range is in DEGREES, so the paper's 0.2 is a barely visible
+  0.2 degree shear (kept as configured, not "fixed"); zx, zy ~ U(zoom_low, zoom_high) independently;
+- matrix = rotation @ shear @ zoom in (x, y) = (column, row) coordinates, output -> sampled input:
+    input_col - cx = zx cos(theta) dx - zy sin(theta + shear) dy
+    input_row - cy = zx sin(theta) dx + zy cos(theta + shear) dy,   dx = col - cx, dy = row - cy,
+  so positive theta turns the content counter-clockwise as displayed, the shear slides columns,
+  zx scales columns and zx, zy > 1 sample a wider area: they zoom OUT;
+- the pivot is (cx, cy) = (H/2 - 0.5, W/2 - 0.5): the centre for square images, but for
+  non-square ones Keras pairs the column with the height (a quirk reproduced here); no shift;
 - horizontal flip with p = 0.5, applied after the affine transform;
-- order=1 (bilinear) interpolation, fill_mode='nearest' (replicate the border pixel).
-tests/test_augment.py checks the result against a scipy re-implementation of that function.
+- scipy affine_transform, order=1 (bilinear), fill_mode='nearest' (replicate the border pixel).
+keras_preprocessing 1.1.2 differed: it applied the matrix to (row, col) (opposite rotation, shear
+along rows, zx on rows) about (H/2 + 0.5, W/2 + 0.5), a pixel off the centre.
+tests/test_augment.py checks the result against a transcription of Keras' functions.
 """
 from __future__ import annotations
 
@@ -52,9 +60,9 @@ class AffineParams:
 
     rotation: torch.Tensor  # degrees
     shear: torch.Tensor  # degrees
-    zx: torch.Tensor  # zoom factor on Keras' first image axis (rows); > 1 zooms out
-    zy: torch.Tensor  # zoom factor on the second axis (columns)
-    flip: torch.Tensor  # bool: mirror left-right after the affine transform
+    zx: torch.Tensor  # zoom factor on columns (Keras' x); > 1 zooms out
+    zy: torch.Tensor  # zoom factor on rows (Keras' y)
+    flip: torch.Tensor  # bool: mirror left-right after the affine transform (Keras' flip_horizontal)
 
 
 def sample_params(batch: int, cfg: AugmentConfig, generator: torch.Generator,
@@ -80,17 +88,16 @@ def apply_affine(x: torch.Tensor, p: AffineParams) -> torch.Tensor:
 
 
 def affine_theta(p: AffineParams, height: int, width: int) -> torch.Tensor:
-    """(B, 2, 3) affine_grid matrices: output -> input, normalised (x, y) coordinates."""
+    """(B, 2, 3) affine_grid matrices: output -> input, normalised (x, y) coordinates.
+
+    Keras' pixel map (module docstring) in align_corners=False units, where a pixel lies n * size / 2
+    from the true centre; the last column moves the pivot to Keras' (H/2 - 0.5, W/2 - 0.5), which
+    is zero for square images and (width - height) / 2 pixels off on each axis otherwise.
+    """
     rot, shear = torch.deg2rad(p.rotation), torch.deg2rad(p.shear)
-    # Keras' rotation @ shear @ zoom in (row, col) coordinates, multiplied out:
-    #   [[cos(rot) zx, -sin(rot + shear) zy], [sin(rot) zx, cos(rot + shear) zy]].
-    # affine_grid wants (x, y) = (col, row), so rows and columns swap; the centre is the same
-    # ((size - 1) / 2 in pixels, 0 in align_corners=False coordinates).
-    theta = torch.zeros(rot.shape[0], 2, 3, device=rot.device)
-    theta[:, 0, 0] = torch.cos(rot + shear) * p.zy
-    theta[:, 0, 1] = torch.sin(rot) * p.zx * (height / width)  # pixel -> normalised units
-    theta[:, 1, 0] = -torch.sin(rot + shear) * p.zy * (width / height)
-    theta[:, 1, 1] = torch.cos(rot) * p.zx
-    # A flip after the transform reads output column x from -x: negate the x input column.
-    theta[:, :, 0] *= torch.where(p.flip, -1.0, 1.0).unsqueeze(1)
-    return theta
+    a, b = torch.cos(rot) * p.zx, -torch.sin(rot + shear) * p.zy  # input col per output col, row
+    c, d = torch.sin(rot) * p.zx, torch.cos(rot + shear) * p.zy  # input row per output col, row
+    sign = torch.where(p.flip, -1.0, 1.0)  # a flip after the transform reads output x from -x
+    gap = width - height
+    return torch.stack([torch.stack([a * sign, b * height / width, (a - b - 1) * gap / width], -1),
+                        torch.stack([c * sign * width / height, d, (1 + c - d) * gap / height], -1)], 1)
