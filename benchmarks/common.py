@@ -5,12 +5,13 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
+
+from chae_ablate.provenance import git_state
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,10 +29,8 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     """Short commit of the repository, with '+dirty' when tracked files have changes."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-    sha = git("rev-parse", "--short", "HEAD") or "unknown"
-    return sha + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    commit, dirty = git_state(REPO)
+    return commit[:7] + ("+dirty" if dirty else "")
 
 
 def machine(device: torch.device) -> dict:

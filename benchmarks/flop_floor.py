@@ -119,7 +119,7 @@ def floor_table(study: Study, args: argparse.Namespace, device: torch.device) ->
         else:
             n_train, origin = train_split_size(cfg.data, root)
         fwd = forward_flops(cfg.model, num_classes)
-        per_epoch = n_train * (cfg.data.augment.copies + 1)
+        per_epoch = n_train * (cfg.protocol.augment.copies + 1)
         total = 3 * fwd * per_epoch * cfg.protocol.epochs
         baseline_flops = baseline_flops or fwd
         row = {"variant": variant.name, "resolution": cfg.model.resolution,

@@ -6,7 +6,7 @@ baseline at that resolution), Adam, batch and number of timed steps:
   (1) model alone:  one cached uint8 batch already resident on the device, converted to float and
                     trained on every step: the ceiling any input pipeline can reach;
   (2) chae-ablate:  the real training path: the decode-once cache (load_dataset), the epoch's
-                    k:1 plan (epoch_plan), mixed_batch (gather, to_float, augment_batch on the
+                    k:1 order (epoch_order), TrainingStream.batch (gather, to_float, augment_batch on the
                     augmented rows) and train_step, exactly as train._train_epoch runs them;
   (3) naive:        torchvision ImageFolder + per-sample PIL transforms (Resize, RandomAffine,
                     RandomHorizontalFlip, ToTensor), 4 augmented copies + 1 plain copy of every
@@ -43,10 +43,11 @@ from PIL import Image
 from common import images_per_s, provenance, synchronize, write_json
 
 from chae_ablate.augment import affine_theta, apply_affine, augment_batch, sample_params, to_float
-from chae_ablate.config import DataConfig, ModelConfig
+from chae_ablate.config import DataConfig, ModelConfig, ProtocolConfig
 from chae_ablate.data import load_dataset, scan_folder
 from chae_ablate.errors import ChaeError
-from chae_ablate.train import Batches, autocast_for, epoch_plan, mixed_batch, pick_device, setup_model, train_step
+from chae_ablate.stream import DeviceSplit, TrainingStream, epoch_order
+from chae_ablate.train import autocast_for, pick_device, setup_model, train_step
 
 LARGE_SIZE = (1400, 1100)  # (width, height): about the mean size of the paper's Kaggle originals
 LARGE_QUALITY = 90
@@ -164,10 +165,10 @@ def model_alone_step(data, args, res, device):
     return step
 
 
-def batch_offsets(train: Batches, copies: int, batch: int, seed: int):
-    """(indices, augmented) host slices of successive epoch plans, as _train_epoch walks them."""
+def batch_offsets(train: DeviceSplit, copies: int, batch: int, seed: int):
+    """(indices, augmented) host slices of successive epoch orders, as TrainingStream.epoch walks them."""
     for epoch in itertools.count(1):
-        indices, augmented = epoch_plan(len(train), copies, torch.Generator().manual_seed(seed + epoch))
+        indices, augmented = epoch_order(len(train), copies, torch.Generator().manual_seed(seed + epoch))
         for offset in range(0, len(indices), batch):
             yield indices[offset:offset + batch], augmented[offset:offset + batch]
 
@@ -175,8 +176,9 @@ def batch_offsets(train: Batches, copies: int, batch: int, seed: int):
 def pipeline_step(data, args, res, device):
     """Row (2): one step of _train_epoch's loop over the whole cached training split."""
     model, optimizer, autocast = fresh_model(res, len(data.classes), device, args.seed)
-    train = Batches(data.train, device)
-    aug = DataConfig().augment
+    train = DeviceSplit(data.train, device)
+    aug = ProtocolConfig().augment
+    stream = TrainingStream(train, aug, args.batch)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     plan = batch_offsets(train, aug.copies, args.batch, args.seed)
     loss_sum = torch.zeros((), device=device)
@@ -184,7 +186,7 @@ def pipeline_step(data, args, res, device):
 
     def step():
         nonlocal loss_sum, correct
-        x, y = mixed_batch(train, *next(plan), aug, generator)
+        x, y = stream.batch(*next(plan), generator)
         loss, logits = train_step(model, optimizer, x, y, autocast)
         loss_sum += loss * len(y)  # as _train_epoch accumulates, so its cost is in the rate too
         correct += (logits.argmax(1) == y).sum()
@@ -216,7 +218,7 @@ def naive_loader(root: Path, res: int, args, device: torch.device):
         T.RandomAffine(degrees=30, shear=0.2, scale=(0.8, 1.2), interpolation=T.InterpolationMode.BILINEAR),
         T.RandomHorizontalFlip(),
         T.ToTensor()])
-    copies = DataConfig().augment.copies
+    copies = ProtocolConfig().augment.copies
     parts = [datasets.ImageFolder(str(root), augmented) for _ in range(copies)]
     dataset = ConcatDataset(parts + [datasets.ImageFolder(str(root), plain)])  # the 4:1 mix
     loader = DataLoader(dataset, batch_size=args.batch, shuffle=True, num_workers=args.workers,
@@ -251,9 +253,10 @@ def row_naive(root: Path, args, res, device) -> tuple[float, float | None]:
 # --- where (2)'s time goes ---------------------------------------------------------------------
 
 def profile_pipeline(data, args, device, repeats: int) -> dict[str, float]:
-    """Milliseconds per batch of each part of mixed_batch, timed one part at a time."""
-    train = Batches(data.train, device)
-    aug = DataConfig().augment
+    """Milliseconds per batch of each part of TrainingStream.batch, timed one part at a time."""
+    train = DeviceSplit(data.train, device)
+    aug = ProtocolConfig().augment
+    stream = TrainingStream(train, aug, args.batch)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     slices = list(itertools.islice(batch_offsets(train, aug.copies, args.batch, args.seed), repeats))
 
@@ -280,7 +283,7 @@ def profile_pipeline(data, args, device, repeats: int) -> dict[str, float]:
     params = sample_params(len(x), aug, generator, device)
     grid = torch.nn.functional.affine_grid(affine_theta(params, *x.shape[-2:]), list(x.shape), align_corners=False)
     return {
-        "mixed_batch": ms(lambda i, a: mixed_batch(train, i, a, aug, generator)),
+        "stream.batch": ms(lambda i, a: stream.batch(i, a, generator)),
         "gather_uint8": ms(gather),
         "gather_to_float": ms(gather_float),
         "augment_batch (augmented rows)": ms(augment),
@@ -336,8 +339,8 @@ def run(args: argparse.Namespace) -> dict:
             step_ms = 1000 * args.batch / rows["model_alone"]
             entry["profile_ms_per_batch"] = {"train_step (from row 1)": round(step_ms, 2),
                                              **{k: round(v, 3) for k, v in profile.items()}}
-            entry["augmented_rows_per_batch"] = round(args.batch * DataConfig().augment.copies
-                                                      / (DataConfig().augment.copies + 1), 1)
+            entry["augmented_rows_per_batch"] = round(args.batch * ProtocolConfig().augment.copies
+                                                      / (ProtocolConfig().augment.copies + 1), 1)
             entry["naive_loader_only_images_per_s"] = round(loader_only, 1)
         entry["targets"] = {"pipeline_ge_0.9x_model": entry["ratio_pipeline_to_model"] >= TARGET_VS_CEILING}
         if args.large_source:
@@ -347,7 +350,7 @@ def run(args: argparse.Namespace) -> dict:
     return {"name": name, **header, "dataset": dataset_facts,
             "settings": {"batch": args.batch, "steps": args.steps, "warmup": args.warmup,
                          "repeats_rows_1_2": args.repeats,
-                         "workers": args.workers, "copies": DataConfig().augment.copies,
+                         "workers": args.workers, "copies": ProtocolConfig().augment.copies,
                          "model": "paper baseline (ModelConfig defaults) at each resolution", "seed": args.seed},
             "results": results}
 

@@ -61,6 +61,13 @@ def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: 
     typer.echo(footer)
 
 
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: cores / workers)")]
+HeartbeatOpt = Annotated[int, typer.Option(min=1, help="Seconds between a running cell's heartbeats")]
+GraceOpt = Annotated[int, typer.Option(min=2, help="Seconds of silence before a running cell is re-queued")]
+CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model")]
+ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cell when not a terminal)")]
+
+
 @app.command()
 @clean_errors
 def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
@@ -68,46 +75,46 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
         workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = 1,
         device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
         fresh: Annotated[bool, typer.Option(help="Forget earlier results of this study")] = False,
-        compile: Annotated[bool, typer.Option(help="torch.compile the model")] = False,
+        compile: CompileOpt = False,
         report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
-        progress: Annotated[bool, typer.Option(help="Progress bars")] = True) -> None:
+        progress: ProgressOpt = True, threads: ThreadsOpt = None, heartbeat: HeartbeatOpt = 5,
+        grace: GraceOpt = 15) -> None:
     """Train every cell (variant x seed) of a study; a rerun resumes where it stopped."""
     from .runner import RunOptions, run_study
-    loaded = _load(study, set_, epochs, seeds)
-    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir,
-                         fresh=fresh, progress=progress, compile=compile)
-    rows = run_study(loaded, options)
-    if report:
-        from .report import write_report, summary_table_text
-        path = write_report(loaded.name)
-        typer.echo(summary_table_text(path.parent))
-        typer.echo(f"report: {path}")
-    else:
-        _print_cells(rows)
-    unfinished = [r for r in rows if r["state"] != "COMPLETE"]
-    for r in unfinished:
-        typer.echo(f"not finished: {r['variant']}/seed{r['seed']} {r['state']} {r['failure_reason']}")
-    if unfinished:
-        raise ChaeError(f"{len(unfinished)} of {len(rows)} cells did not finish; rerun the same command to retry")
+    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
+                         progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat,
+                         grace_s=grace)
+    summary = run_study(_load(study, set_, epochs, seeds), options, report=report)
+    typer.echo(summary.verdicts or _cells_text(summary.cells))
+    if summary.report:
+        typer.echo(f"report: {summary.report}")
+    for c in summary.unfinished:
+        typer.echo(f"not finished: {c.variant}/seed{c.seed} {c.state} {c.failure_reason}")
+    if summary.unfinished:
+        raise ChaeError(f"{len(summary.unfinished)} of {len(summary.cells)} cells did not finish; "
+                        "rerun the same command to retry")
 
 
-def _print_cells(rows: list[dict]) -> None:
+def _cells_text(cells) -> str:
     """Per cell: variant, seed, state, best validation loss, test accuracy."""
-    import pandas as pd
-    table = pd.DataFrame(rows).drop(columns="failure_reason")
-    table["test_acc"] = table["test_acc"].map(lambda v: "" if v is None or v != v else f"{v:.3f}")
-    table["best_val_loss"] = table["best_val_loss"].map(lambda v: "" if v is None or v != v else f"{v:.4f}")
-    typer.echo(table.to_string(index=False))
+    def num(v, spec):
+        return "" if v is None or v != v else format(v, spec)
+    rows = [("variant", "seed", "state", "best_val_loss", "test_acc")]
+    rows += [(c.variant, str(c.seed), c.state, num(c.best_val_loss, ".4f"), num(c.test_acc, ".3f")) for c in cells]
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
 @app.command()
 @clean_errors
 def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
            seeds: SeedsOpt = None, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
-           progress: Annotated[bool, typer.Option(help="Progress bars")] = True) -> None:
+           compile: CompileOpt = False, progress: ProgressOpt = True, threads: ThreadsOpt = None,
+           heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15) -> None:
     """Join a running study (shared --storage) and train cells until none are left."""
     from .runner import RunOptions, run_worker
-    options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress)
+    options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress, compile=compile,
+                         threads=threads, heartbeat_s=heartbeat, grace_s=grace)
     done = run_worker(_load(study, set_, epochs, seeds), options)
     typer.echo(f"worker finished: trained {done} cell(s)")
 
@@ -141,7 +148,10 @@ def data_prepare(kind: Annotated[str, typer.Argument(help="Dataset kind: best-ar
 def data_check(root: Annotated[Path, typer.Argument(help="A class-per-folder image directory")]) -> None:
     """Count images per class, sizes, modes and unreadable files."""
     from .prepare import check_dataset
-    typer.echo(check_dataset(root).format())
+    checked = check_dataset(root)
+    typer.echo(checked.format())
+    if checked.problems:
+        raise ChaeError(f"{root}: {len(checked.problems)} problem(s) would stop a study from using it (listed above)")
 
 
 def main() -> None:

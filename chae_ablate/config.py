@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ class ConvStage:
     pool: str = "max"  # down-sampling after the stage: max | avg | none (2x2, stride 2)
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "channels", "kernel", "layers")
+        errors = _positive(self, "channels", "kernel", "layers") + _at_most(self, channels=4096, kernel=31, layers=16)
         if self.kernel % 2 == 0:
             errors.append(("kernel", f"{self.kernel} is even; use an odd size such as 3 or 5"))
         if self.pool not in POOLS:
@@ -50,6 +51,9 @@ class ConvConfig:
 
     def check(self) -> list[tuple[str, str]]:
         errors = _positive(self, "extra_pool_size") + _probability(self, "spatial_dropout")
+        errors += _at_most(self, extra_pool_size=64)
+        if len(self.stages) > 8:
+            errors.append(("stages", f"has {len(self.stages)} stages; at most 8 are supported"))
         if not self.stages:
             errors.append(("stages", "is empty; give at least one stage, e.g. [{channels: 32}]"))
         if self.extra_pool not in POOLS:
@@ -74,7 +78,11 @@ class TransformerConfig:
 
     def check(self) -> list[tuple[str, str]]:
         errors = _positive(self, "depth", "heads", "dim") + _probability(self, "mlp_dropout", "attn_dropout")
-        errors += [(f"mlp_hidden.{i}", f"{h} must be > 0") for i, h in enumerate(self.mlp_hidden) if h <= 0]
+        errors += _at_most(self, depth=64, dim=4096, heads=4096)
+        errors += [(f"mlp_hidden.{i}", f"{h} must be > 0 and at most 16,384")
+                   for i, h in enumerate(self.mlp_hidden) if not 0 < h <= 16384]
+        if len(self.mlp_hidden) > 8:
+            errors.append(("mlp_hidden", f"has {len(self.mlp_hidden)} layers; at most 8 are supported"))
         if self.heads > 0 and self.dim > 0 and self.dim % self.heads:
             valid = ", ".join(str(h) for h in range(1, self.dim + 1) if self.dim % h == 0)
             errors.append(("heads", f"{self.heads} does not divide dim {self.dim} (valid: {valid})"))
@@ -89,7 +97,7 @@ class ModelConfig:
     activation: str = "gelu"  # activation in conv stages and MLPs: gelu | relu | silu
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "resolution")
+        errors = _positive(self, "resolution") + _at_most(self, resolution=2048)
         if self.activation not in ACTIVATIONS:
             errors.append(("activation", f"{self.activation!r} is not one of {', '.join(ACTIVATIONS)}"))
         stride = self.conv.stride
@@ -122,7 +130,7 @@ class AugmentConfig:
     flip: bool = True  # random horizontal flip, p = 0.5
 
     def check(self) -> list[tuple[str, str]]:
-        errors = []
+        errors = _at_most(self, copies=64, rotation=180, shear=89)
         if self.copies < 0:
             errors.append(("copies", f"{self.copies} must be >= 0 (0 turns augmentation off)"))
         if self.rotation < 0 or self.shear < 0:
@@ -141,10 +149,11 @@ class DataConfig:
     split_seed: int = 0  # seeds the splits (not the training)
     synthetic_classes: int = 4  # synthetic source: number of classes
     synthetic_per_class: int = 40  # synthetic source: images per class
-    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the paper's Keras augmentation
 
     def check(self) -> list[tuple[str, str]]:
         errors = _positive(self, "synthetic_classes", "synthetic_per_class")
+        errors += _seed_range(self, "split_seed", self.split_seed)
+        errors += _at_most(self, synthetic_classes=1000, synthetic_per_class=10_000)
         if self.source not in SOURCES:
             errors.append(("source", f"{self.source!r} is not one of {', '.join(SOURCES)}"))
         if self.source == "folder" and not self.root:
@@ -163,9 +172,16 @@ class ProtocolConfig:
     lr: float = 1e-4  # fixed learning rate
     weight_decay: float = 0.0  # optimiser weight decay
     seeds: tuple[int, ...] = (0,)  # one cell per variant and seed
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # the paper's Keras augmentation
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "epochs", "batch_size", "lr")
+        errors = _positive(self, "epochs", "batch_size", "lr") + _at_most(self, epochs=10_000, batch_size=65_536)
+        if self.weight_decay < 0:
+            errors.append(("weight_decay", f"{self.weight_decay} must be >= 0"))
+        for i, seed in enumerate(self.seeds):
+            errors += _seed_range(self, f"seeds.{i}", seed)
+        if len(self.seeds) > 10_000:
+            errors.append(("seeds", f"has {len(self.seeds):,} seeds; at most 10,000 are supported"))
         if self.optimizer not in OPTIMIZERS:
             errors.append(("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"))
         if not self.seeds:
@@ -188,6 +204,22 @@ def _positive(obj: Any, *names: str) -> list[tuple[str, str]]:
     return [(n, f"{getattr(obj, n)} must be > 0") for n in names if getattr(obj, n) <= 0]
 
 
+def _at_most(obj: Any, **limits: int) -> list[tuple[str, str]]:
+    """Upper bounds that keep one cell within what a single GPU can hold: a typo such as
+    resolution 160000 fails here, not as a 51 GB allocation."""
+    return [(n, f"{getattr(obj, n)} is larger than the supported maximum {limit:,}")
+            for n, limit in limits.items() if getattr(obj, n) > limit]
+
+
+MAX_SEED = 2**31 - 1
+
+
+def _seed_range(obj: Any, name: str, seed: int) -> list[tuple[str, str]]:
+    if 0 <= seed <= MAX_SEED:
+        return []
+    return [(name, f"{short(seed)} is out of range; seeds are integers from 0 to {MAX_SEED:,}")]
+
+
 def _probability(obj: Any, *names: str) -> list[tuple[str, str]]:
     return [(n, f"{getattr(obj, n)} must be in [0, 1)") for n in names if not 0 <= getattr(obj, n) < 1]
 
@@ -206,35 +238,56 @@ def to_dict(config: Any) -> Any:
 def parse(cls: type, data: Any, path: str = "") -> Any:
     """Build dataclass `cls` from plain data, validating types, keys and values.
 
-    Raises ConfigError naming the dotted path of the first problem.
+    The one validator of the project: study files, variants and --set overrides are merged as
+    plain data first, then parsed here. Raises ConfigError naming the dotted path of the first
+    problem, e.g. `variants.k5.model.conv.stages.0.kernal: unknown key (did you mean 'kernel'?)`.
     """
     if not isinstance(data, dict):
-        raise ConfigError(f"{path or 'config'}: expected a mapping, got {_describe(data)}")
+        raise ConfigError(f"{path or 'config'}: expected a mapping, got {describe(data)}")
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in names:
-            raise ConfigError(f"{_join(path, key)}: unknown key{did_you_mean(str(key), names)}")
+            full = _join(path, key)
+            moved = next((why for old, why in MOVED.items() if full == old or full.endswith("." + old)), None)
+            raise ConfigError(f"{full}: {moved or 'unknown key' + did_you_mean(str(key), names)}")
     config = cls(**{k: _convert(hints[k], v, _join(path, k)) for k, v in data.items()})
     for key, message in getattr(config, "check", list)():
         raise ConfigError(f"{_join(path, key)}: {message}")
     return config
 
 
+# Keys that moved, and where to: a one-line migration error instead of a bare "unknown key".
+MOVED = {"data.augment": "moved to protocol.augment (augmentation is part of the training protocol); "
+                         "move this block under protocol:"}
+
+
 def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
-    options = list(options)
-    close = difflib.get_close_matches(word, options, n=1)
+    options = [str(o) for o in options]
+    close = difflib.get_close_matches(str(word)[:100], options, n=1)
     if close:
         return f" (did you mean '{close[0]}'?)"
     return f" (valid: {', '.join(options)})"
 
 
 def _join(path: str, key: Any) -> str:
+    key = short(key, 60) if not isinstance(key, str) else key[:60]
     return f"{path}.{key}" if path else str(key)
 
 
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"
+def short(value: Any, width: int = 60) -> str:
+    """repr of a value cut to `width` characters: error messages stay one short line whatever the
+    input (a huge or deeply shared YAML structure is never expanded)."""
+    if isinstance(value, (dict, list, tuple)):
+        text = f"{type(value).__name__} of {len(value)}"
+    else:
+        text = repr(value) if not isinstance(value, str) or len(value) < 1000 else repr(value[:width])
+    text = text.replace("\n", " ")
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(value: Any) -> str:
+    return f"{type(value).__name__} {short(value)}" if not isinstance(value, (dict, list, tuple)) else short(value)
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -247,14 +300,27 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         return _convert(next(a for a in args if a is not type(None)), value, path)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path}: expected a list, got {_describe(value)}")
+            raise ConfigError(f"{path}: expected a list, got {describe(value)}")
         items = args[:1] * len(value) if args[-1] is Ellipsis else args
         if len(items) != len(value):
             raise ConfigError(f"{path}: expected a list of {len(items)} values, got {len(value)}")
         return tuple(_convert(h, v, f"{path}.{i}") for i, (h, v) in enumerate(zip(items, value)))
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        value = float(value) if abs(value) < 1e300 else math.inf
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and
                                                  not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {_describe(value)}")
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {describe(value)}{_number_hint(hint, value)}")
+    if hint is float and not math.isfinite(value):
+        raise ConfigError(f"{path}: {value} is not a finite number")
     return value
+
+
+def _number_hint(hint: Any, value: Any) -> str:
+    """YAML 1.1 reads 1e-3 (no dot) as text: say how to write it as a number."""
+    if hint in (int, float) and isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        return f" (YAML reads {value} as text; write it as {number!r})"
+    return ""

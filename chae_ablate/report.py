@@ -22,11 +22,12 @@ import pandas as pd
 
 from . import stats
 from .errors import ChaeError
+from .files import inside
 from .figures import write_report_figures
+from .metrics import SUMMARY_METRICS
 from .study import BASELINE
 
-METRICS = ["best_val_loss", "best_epoch", "val_acc_at_best", "test_loss", "test_acc",
-           "n_params", "mflops", "images_per_s", "wall_time_s", "resolution"]
+METRICS = [*SUMMARY_METRICS, "resolution"]
 TEXT_COLUMNS = ["run_id", "variant", "cell_hash", "description", "status", "failure_reason"]
 PAPER_EPOCHS = 20  # the paper's claim is about 20-epoch training
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", path, caption) | ("list", items)
@@ -34,8 +35,8 @@ Block = tuple  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", path, ca
 
 # ---------------------------------------------------------------- cells and statistics
 
-def ledger(cells: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
-    """Every planned cell plus any unplanned one, in study order (baseline first).
+def cell_table(cells: pd.DataFrame, expected: list[dict]) -> pd.DataFrame:
+    """Every expected cell plus any unexpected one, in study order (baseline first).
 
     Planned cells without a run get status 'MISSING'. `in_stats` marks the cells the
     statistics use (FINISHED with a finite best_val_loss); `diff_vs_baseline` is the cell's
@@ -48,7 +49,7 @@ def ledger(cells: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
         df[col] = pd.to_numeric(df[col], errors="coerce") if col in df else np.nan
     df["seed"] = df["seed"].astype("Int64")
     df = df.drop_duplicates(["variant", "seed"], keep="last")
-    planned = pd.DataFrame(plan, columns=["variant", "seed", "cell_hash", "description"])
+    planned = pd.DataFrame(expected, columns=["variant", "seed", "cell_hash", "description"])
     planned["seed"] = planned["seed"].astype("Int64")
     planned = planned.drop_duplicates(["variant", "seed"])
     missing = planned.merge(df[["variant", "seed"]], how="left", on=["variant", "seed"], indicator=True)
@@ -66,7 +67,7 @@ def ledger(cells: pd.DataFrame, plan: list[dict]) -> pd.DataFrame:
 
 def summarize(table: pd.DataFrame, confidence: float = stats.CONFIDENCE,
               alpha: float = stats.ALPHA) -> pd.DataFrame:
-    """Per-variant statistics from a ledger(): one row per variant, baseline first."""
+    """Per-variant statistics from a cell_table(): one row per variant, baseline first."""
     used = table[table["in_stats"]]
     base = _by_seed(used, BASELINE)
     rows = [_variant_row(v, table, used, base, confidence) for v in pd.unique(table["variant"])]
@@ -365,15 +366,15 @@ def render_html(blocks: list[Block], root: Path) -> str:
 
 # ---------------------------------------------------------------- entry points
 
-def build_report(study_name: str, cells: pd.DataFrame, epochs: pd.DataFrame, plan: list[dict],
+def build_report(study_name: str, cells: pd.DataFrame, epochs: pd.DataFrame, expected: list[dict],
                  out_dir: Path) -> Path:
     """Write the whole report for these cells into out_dir; returns report.md's path."""
-    if cells.empty and not plan:
+    if cells.empty and not expected:
         raise ChaeError(f"study '{study_name}' has no planned or logged cells: nothing to report; "
                         f"run it first with `chae-ablate run`")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    table = ledger(cells, plan)
+    table = cell_table(cells, expected)
     summary = summarize(table)
     table.to_csv(out_dir / "results.csv", index=False)
     summary.to_csv(out_dir / "summary.csv", index=False)
@@ -390,8 +391,8 @@ def write_report(study_name: str, out_dir: Path | None = None) -> Path:
     it as artifacts of the study's parent run, and return report.md's path."""
     from . import tracking  # the only module that imports mlflow; imported here to keep this one light
 
-    cells, epochs, plan = tracking.load_study_runs(study_name)
-    out = Path(out_dir) if out_dir is not None else Path("reports") / study_name
-    md = build_report(study_name, cells, epochs, plan, out)
+    cells, epochs, expected = tracking.load_study_runs(study_name)
+    out = Path(out_dir) if out_dir is not None else inside(Path("reports"), study_name)
+    md = build_report(study_name, cells, epochs, expected, out)
     tracking.log_report_artifacts(study_name, out)
     return md

@@ -1,40 +1,31 @@
-"""Running a study: Optuna is the ledger and the queue, MLflow the record.
+"""Running a study: workers and processes over the ledger (ledger.py), recorded in MLflow (tracking.py).
 
-One Optuna study per ablation study and one enqueued trial per cell (user attributes variant,
-seed, cell_hash). Workers — in this process, in child processes (`--workers N`) or on other
-machines (`chae-ablate worker`) — claim WAITING trials atomically, so no cell runs twice. Trials
-carry a heartbeat: a worker killed mid-cell goes stale, its trial is failed and re-queued
-(RetryHeartbeatStaleTrialCallback), and the next worker resumes the cell from its last checkpoint.
-Only this module imports optuna.
+A Worker claims cells from the ledger and trains them one at a time — in this process, in child
+processes (`--workers N`) or on other machines (`chae-ablate worker`). Every failure of one cell
+fails that cell only (reason in the ledger and in MLflow) and the study goes on; only a lost
+server stops a worker, since no other cell could be recorded either.
 """
 from __future__ import annotations
 
-import importlib.util
 import multiprocessing
 import os
-import re
-import threading
+import sys
 import time
-import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import optuna
-import sqlalchemy.exc
 import torch
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
-from optuna.trial import Trial, TrialState
 from tqdm.auto import tqdm
 
 from . import tracking
-from .config import DataConfig, to_dict
+from .config import DataConfig
 from .data import Dataset, load_dataset
 from .errors import ChaeError
 from .figures import learning_curve
+from .files import inside
+from .ledger import CellState, Claim, Ledger, lost_ledger, retrying
 from .study import Cell, Study
-from .train import CellFailed, pick_device, train_cell
-
-ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
+from .train import CellFailed, checkpoint_epochs, pick_device, train_cell
 
 
 @dataclass(frozen=True)
@@ -44,328 +35,199 @@ class RunOptions:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     runs_dir: Path = Path("runs")  # caches, checkpoints, the default ledger, MLflow artifacts
     fresh: bool = False  # forget earlier results of this study and start over
-    progress: bool = True  # progress bars
+    progress: bool = True  # progress bars (one line per finished cell when not a terminal)
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads per worker (default: cores / workers)
-    heartbeat_s: int = 5  # how often a running trial proves its worker alive
-    grace_s: int = 15  # silence after which a running trial is failed and re-queued
+    heartbeat_s: int = 5  # how often a running cell proves its worker alive
+    grace_s: int = 15  # silence after which a running cell is failed and re-queued
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars only on a terminal: a log file gets one line per finished cell instead."""
+        return self.progress and sys.stderr.isatty()
 
     @property
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.runs_dir / 'optuna.db').resolve()}"
 
 
-def _safe_url(url: str) -> str:
-    return re.sub(r"//([^:/@]+):[^@]+@", r"//\1:***@", url)
+@dataclass
+class RunSummary:
+    """What `run` did: one row per cell, and the report when one was written."""
+
+    study: str
+    cells: list[CellState]
+    report: Path | None = None
+    verdicts: str = ""  # the report's per-variant table, as text
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def unfinished(self) -> list[CellState]:
+        return [c for c in self.cells if c.state != "COMPLETE"]
 
 
-def _with_driver(url: str) -> str:
-    """postgresql:// with the psycopg2 driver when that is the one installed (chae-ablate[postgres]):
-    SQLAlchemy >= 2.1 maps a bare postgresql:// to psycopg 3."""
-    if (url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is None
-            and importlib.util.find_spec("psycopg2") is not None):
-        return "postgresql+psycopg2://" + url.removeprefix("postgresql://")
-    return url
-
-
-def open_ledger(study: Study, options: RunOptions) -> optuna.Study:
-    """The Optuna study that queues this ablation study's cells."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    url, shown = _with_driver(options.storage_url), _safe_url(options.storage_url)
-    engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
-    if url.startswith("sqlite:///"):
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    elif url.startswith("postgresql"):
-        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
-    try:
-        racing_worker = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError)  # noqa: E731 (it created the tables)
-        storage = _retrying(RDBStorage, url, heartbeat_interval=options.heartbeat_s, grace_period=options.grace_s,
-                            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-                            engine_kwargs=engine_kwargs, transient=racing_worker)
-        return optuna.create_study(study_name=study.name, storage=storage, direction="minimize",
-                                   load_if_exists=True)
-    except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
-        driver = getattr(err.__cause__, "name", None) or err.name or "database"
-        raise ChaeError(f"--storage {shown}: needs the {driver} driver; "
-                        "pip install 'chae-ablate[postgres]'") from None
-    except Exception as err:  # sqlalchemy's connection and URL errors
-        reason = str(err).strip().splitlines()[0][:200]
-        raise ChaeError(f"--storage {shown}: cannot open the Optuna storage ({reason})") from None
-
-
-def _lost_connection(err: BaseException) -> sqlalchemy.exc.OperationalError | None:
-    """The database connection error behind err (raw, or wrapped in optuna's StorageInternalError)."""
-    for e in (err, err.__cause__):
-        if isinstance(e, sqlalchemy.exc.OperationalError):
-            return e
-    return None
-
-
-def _retrying(call, *args, transient=_lost_connection, attempts: int = 5, **kwargs):
-    """call(*args, **kwargs), retried after 1, 2, 4, 8 s while transient(error): by default a
-    database connection lost for a moment."""
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except Exception as err:
-            if attempt == attempts - 1 or not transient(err):
-                raise
-            time.sleep(2 ** attempt)
-
-
-def sync_queue(ledger: optuna.Study, cells: list[Cell]) -> int:
-    """Enqueue every cell that is neither finished, queued nor running; returns how many."""
-    fail_stale_trials(ledger)  # dead workers' cells go back to the queue
-    trials = ledger.get_trials(deepcopy=False)
-    covered = {t.user_attrs.get("cell_hash") for t in trials if t.state in (TrialState.COMPLETE, *ACTIVE)}
-    missing = [c for c in cells if c.hash not in covered]
-    for cell in missing:
-        ledger.enqueue_trial({}, user_attrs={"variant": cell.variant.name, "seed": cell.seed,
-                                             "cell_hash": cell.hash})
-    return len(missing)
-
-
-def claim_next(ledger: optuna.Study) -> Trial | None:
-    """Atomically move one WAITING trial to RUNNING (as Study.ask does, but never samples a new one)."""
-    storage = ledger._storage
-    for frozen in ledger.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
-        try:
-            if storage.set_trial_state_values(frozen._trial_id, state=TrialState.RUNNING):
-                return Trial(ledger, frozen._trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
-def _is_duplicate(ledger: optuna.Study, trial: Trial, cell_hash: str) -> bool:
-    """Another trial of the same cell is finished, or queued/running with a lower number."""
-    for other in ledger.get_trials(deepcopy=False):
-        if other.number == trial.number or other.user_attrs.get("cell_hash") != cell_hash:
-            continue
-        if other.state == TrialState.COMPLETE or (other.state in ACTIVE and other.number < trial.number):
-            return True
-    return False
-
-
-class Heartbeat:
-    """Records the trial's heartbeat from a thread while the cell trains."""
-
-    def __init__(self, ledger: optuna.Study, trial: Trial, interval: float):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(ledger._storage, trial._trial_id, interval),
-                                        daemon=True)
-
-    def _beat(self, storage, trial_id: int, interval: float) -> None:
-        while True:
-            try:
-                storage.record_heartbeat(trial_id)
-            except Exception:  # a lost connection: keep trying; the grace period decides
-                pass
-            if self._stop.wait(interval):
-                return
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
-class DataCache:
+class LoadedData:
     """Datasets loaded once per process, per data config and resolution."""
 
     def __init__(self, runs_dir: Path, progress: bool):
         self.runs_dir, self.progress, self._loaded = runs_dir, progress, {}
 
     def get(self, data: DataConfig, resolution: int) -> Dataset:
-        key = (replace(data, augment=None), resolution)  # augmentation does not change the images
-        if key not in self._loaded:
-            self._loaded[key] = load_dataset(data, resolution, self.runs_dir, progress=self.progress)
-        return self._loaded[key]
+        if (data, resolution) not in self._loaded:
+            self._loaded[(data, resolution)] = load_dataset(data, resolution, self.runs_dir, progress=self.progress)
+        return self._loaded[(data, resolution)]
 
 
 @dataclass
-class Connection:
-    """What a process needs to work on a study: the ledger, the MLflow record, the loaded data."""
+class StudySession:
+    """What a process holds to work on a study: the ledger, the MLflow record, the loaded data."""
 
-    ledger: optuna.Study
+    ledger: Ledger
     log: tracking.StudyLog
-    data: DataCache
+    data: LoadedData
 
 
-def connect(study: Study, options: RunOptions, data: DataCache | None = None) -> Connection:
-    return Connection(open_ledger(study, options), tracking.StudyLog(study.name, plan(study), options.runs_dir),
-                      data or DataCache(options.runs_dir, options.progress))
+def open_session(study: Study, options: RunOptions, data: LoadedData | None = None) -> StudySession:
+    ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
+    return StudySession(ledger, tracking.StudyLog(study.name, study.cells(), options.runs_dir),
+                        data or LoadedData(options.runs_dir, options.bars))
+
+
+def checkpoint_dir(options: RunOptions, study: Study, cell: Cell) -> Path:
+    return inside(options.runs_dir, "checkpoints", study.name, cell.hash)
 
 
 class Worker:
     """Claims and trains cells until the study's queue is empty and nothing else is running."""
 
-    def __init__(self, study: Study, options: RunOptions, device: torch.device, connection: Connection):
-        self.study, self.options, self.device = study, options, device
+    def __init__(self, study: Study, options: RunOptions, device: torch.device, session: StudySession):
+        self.study, self.options, self.device, self.session = study, options, device, session
         self.cells = {c.hash: c for c in study.cells()}
-        self.ledger, self.log, self.data = connection.ledger, connection.log, connection.data
 
-    def run(self, poll_s: float = 2.0, on_cell_done=lambda: None) -> int:
+    def run(self, poll_s: float = 2.0, on_cell_done=lambda cell, outcome: None) -> int:
         """Returns the number of cells this worker trained."""
-        done = 0
+        ledger, done = self.session.ledger, 0
         while True:
-            trial, others_running = _retrying(self._next)
-            if trial is None:
-                if not others_running:
+            claim = retrying(ledger.claim)
+            if claim is None:
+                if not retrying(ledger.others_active):
                     return done
                 time.sleep(poll_s)  # others are running: wait, in case one of them dies
                 continue
-            cell = self.cells.get(trial.user_attrs.get("cell_hash"))
-            if cell is None or _is_duplicate(self.ledger, trial, cell.hash):
-                trial.set_user_attr("failure_reason", "duplicate or unknown cell; skipped")
-                self.ledger.tell(trial, state=TrialState.FAIL)
+            cell = self.cells.get(claim.cell_hash)
+            if cell is None or ledger.is_duplicate(claim):
+                claim.fail("duplicate or unknown cell; skipped")
                 continue
-            with Heartbeat(self.ledger, trial, self.options.heartbeat_s):
-                self.run_cell(cell, trial)
+            with claim.heartbeat(self.options.heartbeat_s):
+                outcome = self.run_cell(cell, claim)
             done += 1
-            on_cell_done()
+            on_cell_done(cell, outcome)
 
-    def _next(self) -> tuple[Trial | None, bool]:
-        """(a claimed trial or None, whether other workers' trials are still active)."""
-        fail_stale_trials(self.ledger)
-        trial = claim_next(self.ledger)
-        return trial, trial is None and bool(self.ledger.get_trials(deepcopy=False, states=ACTIVE))
-
-    def run_cell(self, cell: Cell, trial: Trial) -> None:
-        checkpoints = self.options.runs_dir / "checkpoints" / self.study.name / cell.hash
-        resumable = _checkpoint_epochs(checkpoints)
-        config = cell.config
-        tags = {"variant": cell.variant.name, "seed": str(cell.seed), "cell_hash": cell.hash,
-                "description": cell.variant.description, "device": str(self.device),
-                **tracking.source_tags()}
-        params = tracking.flatten({**to_dict(config), "seed": cell.seed})
-        run = self.log.cell_run(cell.label, tags, params, resumable)
+    def run_cell(self, cell: Cell, claim: Claim) -> str:
+        """Train one claimed cell; returns 'COMPLETE' or 'FAIL: reason'. Raises only when a
+        server is lost (then no other cell could be recorded either)."""
+        checkpoints = checkpoint_dir(self.options, self.study, cell)
+        run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
         try:
-            data = self.data.get(config.data, config.model.resolution)
-            run.log_dict(to_dict(config), "config.json")
-            run.log_artifact(data.manifest)
-            result = train_cell(config, cell.seed, data, self.device, checkpoints, _Reporter(run, trial),
-                                progress=self.options.progress, label=cell.label,
+            data = self.session.data.get(cell.config.data, cell.config.model.resolution)
+            run.log_cell_inputs(cell, data)
+            result = train_cell(config=cell.config, seed=cell.seed, data=data, device=self.device,
+                                checkpoint_dir=checkpoints, tracker=_EpochReporter(run, claim),
+                                progress=self.options.bars, label=cell.label,
                                 compile_model=self.options.compile)
-        except CellFailed as err:
-            self._fail(trial, run, str(err))
-            return
+            run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
+            run.finish(result.summary())
+            claim.complete(result.summary())
+            return "COMPLETE"
         except Exception as err:
-            lost = _lost_server(err)
-            self._fail(trial, run, lost or f"{type(err).__name__}: {err}")
+            lost = lost_ledger(err) or tracking.lost_server(err)
+            reason = lost or (str(err) if isinstance(err, CellFailed) else f"{type(err).__name__}: {err}")
+            self._fail(claim, run, reason)
             if lost:
                 raise ChaeError(f"cell {cell.label}: {lost}; its checkpoint is kept, rerun to resume") from None
-            raise
-        curve = learning_curve(result.history, cell.label, checkpoints / "learning_curve.png")
-        run.log_artifact(curve)
-        run.finish(result.summary())
-        for key, value in result.summary().items():
-            _retrying(trial.set_user_attr, key, value)
-        _retrying(self.ledger.tell, trial, result.best_val_loss)
+            return f"FAIL: {reason.splitlines()[0][:200] if reason else ''}"
 
-    def _fail(self, trial: Trial, run: tracking.CellRun, reason: str) -> None:
+    @staticmethod
+    def _fail(claim: Claim, run: tracking.CellRun, reason: str) -> None:
         """Best effort on each side, as one of them may be the server that was lost: an MLflow run
         left RUNNING is marked FAILED by the cell's next attempt; a trial left RUNNING goes stale
         and is re-queued."""
-        try:
-            run.fail(reason)
-        except Exception:
-            pass
-        try:
-            _retrying(trial.set_user_attr, "failure_reason", reason[:2000])
-            _retrying(self.ledger.tell, trial, state=TrialState.FAIL)
-        except Exception:
-            pass
+        for record in (run.fail, claim.fail):
+            try:
+                record(reason)
+            except Exception:
+                pass
 
 
-def _lost_server(err: Exception) -> str | None:
-    """What a lost connection to one of the two servers says about it, or None for any other error."""
-    lost = _lost_connection(err)
-    if lost is not None:
-        return f"lost the connection to the Optuna storage ({str(lost.orig).strip().splitlines()[0][:200]})"
-    return tracking.lost_server(err)
+class _EpochReporter:
+    """Sends each epoch to MLflow and its validation loss to the ledger (for pruners)."""
 
+    def __init__(self, run: tracking.CellRun, claim: Claim):
+        self.run, self.claim = run, claim
 
-class _Reporter:
-    """Sends each epoch to MLflow and its validation loss to the Optuna trial."""
-
-    def __init__(self, run: tracking.CellRun, trial: Trial):
-        self.run, self.trial = run, trial
-
-    def restore(self, history: list[dict[str, float]]) -> None:
-        self.run.restore(history)
-        reported = self.trial.storage.get_trial(self.trial._trial_id).intermediate_values
+    def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
+        self.run.log_missed_epochs(history)
+        reported = self.claim.reported_epochs()
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in reported:
-                self.trial.report(metrics["val_loss"], epoch)
+                self.claim.report(epoch, metrics["val_loss"])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log_epoch(epoch, metrics)
-        _retrying(self.trial.report, metrics["val_loss"], epoch)
-
-
-def _checkpoint_epochs(directory: Path) -> int:
-    path = directory / "last.pt"
-    if not path.exists():
-        return 0
-    return len(torch.load(path, map_location="cpu", weights_only=False)["state"]["history"])
-
-
-def plan(study: Study) -> list[dict]:
-    return [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
-             "description": c.variant.description} for c in study.cells()]
+        self.claim.report(epoch, metrics["val_loss"])
 
 
 # --- the commands ----------------------------------------------------------------------------
 
-def prepare(study: Study, options: RunOptions) -> Connection:
+def start_study(study: Study, options: RunOptions) -> StudySession:
     """Everything that can fail before training: data present and cached, servers reachable;
     then the study's cells queued."""
-    data = DataCache(options.runs_dir, options.progress)
+    data = LoadedData(options.runs_dir, options.bars)
     for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
         data.get(*key)  # builds each resolution's decode-once cache before any worker starts
     tracking.check_tracking_server()
     if options.fresh:
-        _forget(study, options, open_ledger(study, options))
-    connection = connect(study, options, data)
-    connection.log.update_plan(plan(study))
-    sync_queue(connection.ledger, study.cells())
-    return connection
+        _forget(study, options)
+    session = open_session(study, options, data)
+    session.log.record_expected_cells(study.cells())
+    session.ledger.queue(study.cells())
+    return session
 
 
-def _forget(study: Study, options: RunOptions, ledger: optuna.Study) -> None:
+def _forget(study: Study, options: RunOptions) -> None:
     import shutil
-    optuna.delete_study(study_name=study.name, storage=ledger._storage)
-    shutil.rmtree(options.runs_dir / "checkpoints" / study.name, ignore_errors=True)
+    Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s).delete()
+    shutil.rmtree(inside(options.runs_dir, "checkpoints", study.name), ignore_errors=True)
     tracking.delete_study_runs(study.name)
 
 
-def run_study(study: Study, options: RunOptions) -> list[dict]:
-    """Train every unfinished cell of the study; returns one summary row per cell."""
+def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSummary:
+    """Train every unfinished cell of the study, then write its report (unless report=False)."""
     device = pick_device(options.device)
-    connection = prepare(study, options)
+    session = start_study(study, options)
     total = len(study.cells())
     if options.workers <= 1:
         _set_threads(options, 1)
-        with _StudyBar(connection.ledger, study, total, options.progress) as bar:
-            Worker(study, options, device, connection).run(on_cell_done=bar.refresh)
+        with StudyProgress(session.ledger, study, total, options.progress) as bar:
+            Worker(study, options, device, session).run(on_cell_done=bar.cell_done)
     else:
-        _run_children(study, options, connection.ledger, total)
-    connection.log.finish()
-    return summary_rows(connection.ledger, study)
+        _run_children(study, options, session.ledger, total)
+    session.log.finish()
+    summary = RunSummary(study.name, session.ledger.cell_states(study.cells()))
+    if report:
+        from .report import summary_table_text, write_report
+        summary.report = write_report(study.name)
+        summary.verdicts = summary_table_text(summary.report.parent)
+    return summary
 
 
-def _run_children(study: Study, options: RunOptions, ledger: optuna.Study, total: int) -> None:
+def _run_children(study: Study, options: RunOptions, ledger: Ledger, total: int) -> None:
     context = multiprocessing.get_context("spawn")
     children = [context.Process(target=_child_main, args=(study, options, i), daemon=False)
                 for i in range(options.workers)]
     for child in children:
         child.start()
-    with _StudyBar(ledger, study, total, options.progress) as bar:
+    with StudyProgress(ledger, study, total, options.progress) as bar:
         while any(child.is_alive() for child in children):
             time.sleep(2)
             bar.refresh()
@@ -380,34 +242,38 @@ def _child_main(study: Study, options: RunOptions, index: int) -> None:
         device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
     _set_threads(options, options.workers)
     options = replace(options, progress=False)
-    Worker(study, options, device, connect(study, options)).run()
+    Worker(study, options, device, open_session(study, options)).run()
 
 
 def run_worker(study: Study, options: RunOptions) -> int:
     """Join a study (another process or machine) and train cells until none are left.
 
     It queues missing cells too, so machines may start in any order; a cell queued twice by a
-    race runs once (_is_duplicate)."""
+    race runs once (Ledger.is_duplicate)."""
     tracking.check_tracking_server()
     _set_threads(options, 1)
-    connection = connect(study, options)
-    sync_queue(connection.ledger, study.cells())
-    return Worker(study, options, pick_device(options.device), connection).run()
+    session = open_session(study, options)
+    session.ledger.queue(study.cells())
+    with StudyProgress(session.ledger, study, len(study.cells()), options.progress) as bar:
+        return Worker(study, options, pick_device(options.device), session).run(on_cell_done=bar.cell_done)
 
 
 def _set_threads(options: RunOptions, workers: int) -> None:
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) // workers))
 
 
-class _StudyBar:
-    """cells done / total, failures, ETA — read from the ledger, so it counts every worker's cells."""
+class StudyProgress:
+    """cells done / total, failures, ETA — read from the ledger, so it counts every worker's cells.
+    On a terminal a bar; otherwise (a log file, SLURM, CI) one line per finished cell."""
 
-    def __init__(self, ledger: optuna.Study, study: Study, total: int, enabled: bool):
-        self.ledger, self.hashes = ledger, {c.hash for c in study.cells()}
-        self.bar = tqdm(total=total, desc=f"study {study.name}", unit="cell", disable=not enabled,
+    def __init__(self, ledger: Ledger, study: Study, total: int, enabled: bool):
+        self.ledger, self.hashes, self.total = ledger, {c.hash for c in study.cells()}, total
+        self.interactive = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self.bar = tqdm(total=total, desc=f"study {study.name}", unit="cell", disable=not self.interactive,
                         dynamic_ncols=True)
 
-    def __enter__(self) -> _StudyBar:
+    def __enter__(self) -> StudyProgress:
         self.refresh()
         return self
 
@@ -418,28 +284,14 @@ class _StudyBar:
             pass
         self.bar.close()
 
-    def refresh(self) -> None:
-        trials = [t for t in self.ledger.get_trials(deepcopy=False) if t.user_attrs.get("cell_hash") in self.hashes]
-        done = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE}
-        failed = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.FAIL} - done
-        self.bar.n = len(done)
-        self.bar.set_postfix(failed=len(failed), refresh=False)
+    def cell_done(self, cell: Cell, outcome: str) -> None:
+        done, failed = self.refresh()
+        if self.enabled and not self.interactive:
+            print(f"[{done}/{self.total} done, {failed} failed] {cell.label}: {outcome}", file=sys.stderr, flush=True)
+
+    def refresh(self) -> tuple[int, int]:
+        done, failed = self.ledger.progress(self.hashes)
+        self.bar.n = done
+        self.bar.set_postfix(failed=failed, refresh=False)
         self.bar.refresh()
-
-
-def summary_rows(ledger: optuna.Study, study: Study) -> list[dict]:
-    """One row per cell from the ledger: variant, seed, state, best val loss, test accuracy."""
-    by_hash: dict[str, optuna.trial.FrozenTrial] = {}
-    for t in ledger.get_trials(deepcopy=False):
-        h = t.user_attrs.get("cell_hash")
-        if h and (h not in by_hash or by_hash[h].state != TrialState.COMPLETE):
-            by_hash[h] = t
-    rows = []
-    for cell in study.cells():
-        t = by_hash.get(cell.hash)
-        rows.append({"variant": cell.variant.name, "seed": cell.seed,
-                     "state": t.state.name if t else "MISSING",
-                     "best_val_loss": t.value if t and t.state == TrialState.COMPLETE else None,
-                     "test_acc": t.user_attrs.get("test_acc") if t else None,
-                     "failure_reason": t.user_attrs.get("failure_reason", "") if t else ""})
-    return rows
+        return done, failed

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import tempfile
 import time
 from functools import cache
@@ -19,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
+from .config import to_dict
 from .errors import ChaeError
+from .metrics import EPOCH_METRICS, SUMMARY_METRICS
+from .provenance import git_state
+from .study import Cell
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
-EPOCH_METRICS = ("train_loss", "train_acc", "val_loss", "val_acc")
-SUMMARY_METRICS = ("best_val_loss", "best_epoch", "val_acc_at_best", "test_loss", "test_acc",
-                   "n_params", "mflops", "images_per_s", "wall_time_s")
 ROLE = "chae.role"
 PARENT_SETTLE_S = 2.0  # how long a worker that created a parent run waits for racing ones
 
@@ -82,15 +82,26 @@ def source_tags() -> dict[str, str]:
     """git commit and dirty flag of the working directory, torch/CUDA versions."""
     import torch
 
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
-        except OSError:
-            return ""
-    commit = git("rev-parse", "HEAD") or "unknown"
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no")) if commit != "unknown" else False
+    commit, dirty = git_state(Path.cwd())
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda or "none"}
+
+
+def cell_tags(cell: Cell, device: str) -> dict[str, str]:
+    """What identifies a cell's run in MLflow: variant, seed, cell hash, device, provenance."""
+    return {"variant": cell.variant.name, "seed": str(cell.seed), "cell_hash": cell.hash,
+            "description": cell.variant.description, "device": device, **source_tags()}
+
+
+def cell_params(cell: Cell) -> dict[str, str]:
+    """The cell's resolved config and seed as flat MLflow params."""
+    return flatten({**to_dict(cell.config), "seed": cell.seed})
+
+
+def expected_cells(cells: list[Cell]) -> list[dict]:
+    """The rows of plan.json: every cell the study expects, so a report lists cells that never ran."""
+    return [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
+             "description": c.variant.description} for c in cells]
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -106,11 +117,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 class StudyLog:
     """The MLflow experiment and parent run of one study."""
 
-    def __init__(self, study_name: str, plan: list[dict], artifact_root: Path):
+    def __init__(self, study_name: str, cells: list[Cell], artifact_root: Path):
         self.client = _client()
         self.study_name = study_name
         self.experiment_id = self._experiment(artifact_root)
-        self.parent_id = self._parent_run(plan)
+        self.parent_id = self._parent_run(expected_cells(cells))
 
     def _experiment(self, artifact_root: Path) -> str:
         exp = self.client.get_experiment_by_name(self.study_name)
@@ -125,14 +136,14 @@ class StudyLog:
         except Exception:  # another worker created it first
             return self.client.get_experiment_by_name(self.study_name).experiment_id
 
-    def _parent_run(self, plan: list[dict]) -> str:
+    def _parent_run(self, cells: list[dict]) -> str:
         """The study's one parent run. Workers that start together may each create one: after a
         pause every creator sees them all, the same one wins (oldest, then lowest id), losers delete theirs."""
         found = self._parents()
         if not found:
             mine = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                           tags={ROLE: "study", **source_tags()}).info.run_id
-            self.client.log_dict(mine, {"cells": plan}, "plan.json")
+            self.client.log_dict(mine, {"cells": cells}, "plan.json")
             time.sleep(PARENT_SETTLE_S)  # lets a racing worker's parent become visible
             found = self._parents()
             if found[0].info.run_id != mine:
@@ -142,12 +153,13 @@ class StudyLog:
     def _parents(self) -> list:
         return _parent_runs(self.client, self.experiment_id)
 
-    def update_plan(self, plan: list[dict]) -> None:
-        self.client.log_dict(self.parent_id, {"cells": plan}, "plan.json")
+    def record_expected_cells(self, cells: list[Cell]) -> None:
+        """Rewrite plan.json when the study's cells changed since the parent run was created."""
+        self.client.log_dict(self.parent_id, {"cells": expected_cells(cells)}, "plan.json")
 
-    def cell_run(self, label: str, tags: dict[str, str], params: dict[str, str], start_epoch: int) -> "CellRun":
+    def cell_run(self, cell: Cell, device: str, start_epoch: int) -> "CellRun":
         """The cell's run: the interrupted one continued when its history fits `start_epoch`, else new."""
-        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{tags['cell_hash']}'"):
+        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell.hash}'"):
             if run.info.status == "FINISHED":
                 continue
             logged = [m.step for m in self.client.get_metric_history(run.info.run_id, "val_loss")]
@@ -157,10 +169,11 @@ class StudyLog:
             if run.info.status == "RUNNING":
                 self.client.set_tag(run.info.run_id, "failure_reason", "worker lost; cell restarted elsewhere")
                 self.client.set_terminated(run.info.run_id, "FAILED")
-        run = self.client.create_run(self.experiment_id, run_name=label,
-                                     tags={"mlflow.parentRunId": self.parent_id, ROLE: "cell", **tags})
+        run = self.client.create_run(self.experiment_id, run_name=cell.label,
+                                     tags={"mlflow.parentRunId": self.parent_id, ROLE: "cell",
+                                           **cell_tags(cell, device)})
         _, Param = _entities()
-        items = [Param(k, v[:6000]) for k, v in params.items()]
+        items = [Param(k, v[:6000]) for k, v in cell_params(cell).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return CellRun(self.client, run.info.run_id, set())
@@ -181,15 +194,20 @@ class CellRun:
     def __init__(self, client, run_id: str, logged_epochs: set[int]):
         self.client, self.run_id, self.logged = client, run_id, logged_epochs
 
-    def restore(self, history: list[dict[str, float]]) -> None:
+    def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
         """Log checkpointed epochs that the crash kept from reaching MLflow."""
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in self.logged:
                 self.log_epoch(epoch, metrics)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self._metrics(metrics, step=epoch)
+        self._metrics({k: metrics[k] for k in EPOCH_METRICS}, step=epoch)
         self.logged.add(epoch)
+
+    def log_cell_inputs(self, cell: Cell, data) -> None:
+        """The resolved config and the split manifest, as artifacts of the cell's run."""
+        self.client.log_dict(self.run_id, to_dict(cell.config), "config.json")
+        self.client.log_artifact(self.run_id, str(data.manifest))
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -214,7 +232,7 @@ class CellRun:
 # --- reading, for the report -----------------------------------------------------------------
 
 def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """(cells, epochs, plan) of a study: one row per cell (its latest attempt), one per cell-epoch,
+    """(cells, epochs, expected cells) of a study: one row per cell (its latest attempt), one per cell-epoch,
     and every cell the study expects."""
     client = _client()
     exp = client.get_experiment_by_name(study_name)
@@ -231,7 +249,7 @@ def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[d
     cells = pd.DataFrame([_cell_row(r) for r in latest.values()], columns=_CELL_COLUMNS)
     epochs = pd.DataFrame([row for r in latest.values() for row in _epoch_rows(client, r)],
                           columns=["run_id", "variant", "seed", "epoch", *EPOCH_METRICS])
-    return cells, epochs, _plan(client, exp.experiment_id)
+    return cells, epochs, _expected_cells(client, exp.experiment_id)
 
 
 _CELL_COLUMNS = ["run_id", "variant", "seed", "cell_hash", "description", "status", "failure_reason",
@@ -257,7 +275,7 @@ def _epoch_rows(client, run) -> list[dict[str, Any]]:
             for step, values in sorted(by_epoch.items())]
 
 
-def _plan(client, experiment_id: str) -> list[dict]:
+def _expected_cells(client, experiment_id: str) -> list[dict]:
     parents = _parent_runs(client, experiment_id)
     if not parents:
         return []

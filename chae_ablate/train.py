@@ -2,15 +2,18 @@
 
 Every epoch's randomness (shuffle, augmentation, dropout) is seeded from (seed, epoch), so a run
 resumed from the checkpoint of epoch k ends with exactly the metrics of an uninterrupted run.
-The loop knows nothing of MLflow or Optuna: it reports to a tracker object.
+The loop knows nothing of MLflow or Optuna: it reports to a tracker object. This module alone
+reads and writes checkpoints: tensors and plain data only, loaded with weights_only=True, so a
+planted checkpoint cannot run code; one that does not load is moved aside and the cell restarts.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
-import os
 import time
+import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
@@ -18,24 +21,29 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .augment import augment_batch, to_float
-from .config import AugmentConfig, ExperimentConfig, ModelConfig
-from .data import Dataset, Split
+from .augment import to_float
+from .config import ExperimentConfig, ModelConfig
+from .data import Dataset
 from .errors import ChaeError
+from .files import atomic_write
+from .metrics import CellResult, EpochMetrics
 from .model import build_model, count_parameters, forward_flops
+from .stream import DROPOUT, DeviceSplit, TrainingStream, epoch_seed
 
 EVAL_BATCH = 256
+CHECKPOINT = "last.pt"
+CHECKPOINT_FORMAT = 2  # 2: tensors and plain data only (weights_only=True)
 
 
 class Tracker(Protocol):
-    def restore(self, history: list[dict[str, float]]) -> None: ...
+    def log_missed_epochs(self, history: list[dict[str, float]]) -> None: ...
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 class NullTracker:
     """Logs nothing: for tests and dry runs."""
 
-    def restore(self, history: list[dict[str, float]]) -> None:
+    def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
         pass
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -46,22 +54,8 @@ class CellFailed(ChaeError):
     """The cell cannot finish (e.g. a non-finite loss); the study goes on."""
 
 
-@dataclass
-class CellResult:
-    best_val_loss: float
-    best_epoch: int
-    val_acc_at_best: float
-    test_loss: float
-    test_acc: float
-    n_params: int
-    mflops: float
-    images_per_s: float
-    wall_time_s: float
-    history: list[dict[str, float]]
-    resumed_from: int  # epochs restored from a checkpoint (0 = fresh start)
-
-    def summary(self) -> dict[str, float]:
-        return {k: float(v) for k, v in vars(self).items() if k not in ("history", "resumed_from")}
+class CheckpointWarning(UserWarning):
+    """A checkpoint could not be loaded; it was moved aside and the cell restarted."""
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -80,21 +74,6 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ChaeError(f"--device {name}: not a device name; use auto, cpu, cuda, cuda:N or mps") from None
 
 
-def epoch_plan(n: int, copies: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """The paper's 4:1 mix: every image once as is and `copies` times augmented, shuffled together.
-
-    Returns (indices, augment mask), both length n * (copies + 1).
-    """
-    indices = torch.arange(n).repeat(copies + 1)
-    augment = torch.arange(n * (copies + 1)) >= n
-    order = torch.randperm(len(indices), generator=generator)
-    return indices[order], augment[order]
-
-
-def _epoch_seed(seed: int, epoch: int, stream: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + stream) % (2**63)
-
-
 def make_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     p = config.protocol
     if p.optimizer == "sgd":
@@ -103,32 +82,20 @@ def make_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     return optimizer(params, lr=p.lr, weight_decay=p.weight_decay)
 
 
-class Batches:
-    """A split resident on the training device, served as float batches."""
-
-    def __init__(self, split: Split, device: torch.device):
-        self.images = split.images.to(device)
-        self.labels = split.labels.to(device)
-        self.device = device
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def evaluate(model: torch.nn.Module, batches: Batches, autocast) -> tuple[float, float]:
+def evaluate(model: torch.nn.Module, split: DeviceSplit, autocast) -> tuple[float, float]:
     """Mean cross-entropy and accuracy over a split, without augmentation."""
     model.eval()
-    loss_sum = torch.zeros((), device=batches.device)
-    correct = torch.zeros((), device=batches.device)
+    loss_sum = torch.zeros((), device=split.device)
+    correct = torch.zeros((), device=split.device)
     with torch.no_grad():
-        for start in range(0, len(batches), EVAL_BATCH):
-            x = to_float(batches.images[start:start + EVAL_BATCH])
-            y = batches.labels[start:start + EVAL_BATCH]
+        for start in range(0, len(split), EVAL_BATCH):
+            x = to_float(split.images[start:start + EVAL_BATCH])
+            y = split.labels[start:start + EVAL_BATCH]
             with autocast():
                 logits = model(_memory_format(x))
             loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
-    n = max(len(batches), 1)
+    n = max(len(split), 1)
     return loss_sum.item() / n, correct.item() / n
 
 
@@ -150,7 +117,7 @@ def setup_model(config: ModelConfig, num_classes: int, device: torch.device, see
     return build_model(config, num_classes).to(device).to(memory_format=torch.channels_last)
 
 
-def train_cell(config: ExperimentConfig, seed: int, data: Dataset, device: torch.device,
+def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: torch.device,
                checkpoint_dir: Path | None = None, tracker: Tracker | None = None,
                progress: bool = False, label: str = "", compile_model: bool = False) -> CellResult:
     """Train one cell to the protocol; keep the best-validation checkpoint; test it."""
@@ -160,31 +127,31 @@ def train_cell(config: ExperimentConfig, seed: int, data: Dataset, device: torch
     model = setup_model(config.model, num_classes, device, seed)
     optimizer = make_optimizer(config, model.parameters())
     autocast = autocast_for(device)
-    state = _load_checkpoint(checkpoint_dir, model, optimizer, device)
-    tracker.restore(state["history"])
+    state = load_checkpoint(checkpoint_dir, model, optimizer, device)
+    tracker.log_missed_epochs(state["history"])
     step_model = torch.compile(model) if compile_model else model
-    train, val = Batches(data.train, device), Batches(data.val, device)
+    stream = TrainingStream(DeviceSplit(data.train, device), p.augment, p.batch_size)
+    val = DeviceSplit(data.val, device)
     started = time.perf_counter()
     for epoch in range(len(state["history"]) + 1, p.epochs + 1):
         train_loss, train_acc, images_per_s = _train_epoch(
-            step_model, optimizer, train, config, seed, epoch, autocast, progress, label)
+            step_model, optimizer, stream, seed, epoch, autocast, _bar(progress, label, epoch, p.epochs, stream))
         val_loss, val_acc = evaluate(step_model, val, autocast)
-        metrics = {"train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-                   "val_acc": val_acc, "images_per_s": images_per_s}
+        metrics = dataclasses.asdict(EpochMetrics(train_loss, train_acc, val_loss, val_acc))
         if not all(math.isfinite(v) for v in metrics.values()):
             raise CellFailed(f"non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss})")
-        state["history"].append(metrics)
+        state["history"].append({**metrics, "images_per_s": images_per_s})
         if val_loss < state["best_val_loss"]:
             state.update(best_val_loss=val_loss, best_epoch=epoch, val_acc_at_best=val_acc,
                          best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
         state["wall_time_s"] += time.perf_counter() - started
         started = time.perf_counter()
         _save_checkpoint(checkpoint_dir, model, optimizer, state)
-        tracker.log_epoch(epoch, {k: v for k, v in metrics.items() if k != "images_per_s"})
+        tracker.log_epoch(epoch, metrics)
     if state["best_state"] is None:
         raise CellFailed("no epoch finished (protocol.epochs is 0?)")
     model.load_state_dict(state["best_state"])
-    test_loss, test_acc = evaluate(model, Batches(data.test, device), autocast)
+    test_loss, test_acc = evaluate(model, DeviceSplit(data.test, device), autocast)
     state["wall_time_s"] += time.perf_counter() - started
     speeds = sorted(h["images_per_s"] for h in state["history"])
     return CellResult(
@@ -195,48 +162,31 @@ def train_cell(config: ExperimentConfig, seed: int, data: Dataset, device: torch
         history=state["history"], resumed_from=state["resumed_from"])
 
 
-def _train_epoch(model, optimizer, train: Batches, config: ExperimentConfig, seed: int, epoch: int,
-                 autocast, progress: bool, label: str) -> tuple[float, float, float]:
+def _bar(enabled: bool, label: str, epoch: int, epochs: int, stream: TrainingStream):
+    return tqdm(total=stream.batches_per_epoch(), desc=f"{label} epoch {epoch}/{epochs}", leave=False,
+                disable=not enabled, unit="batch", dynamic_ncols=True)
+
+
+def _train_epoch(model, optimizer, stream: TrainingStream, seed: int, epoch: int, autocast,
+                 bar) -> tuple[float, float, float]:
     """One epoch of the k:1 augmented mix; returns (loss, accuracy, images/s)."""
-    p, aug = config.protocol, config.data.augment
-    torch.manual_seed(_epoch_seed(seed, epoch, 0))  # dropout
-    shuffle = torch.Generator().manual_seed(_epoch_seed(seed, epoch, 1))
-    augment_rng = torch.Generator(device=train.device).manual_seed(_epoch_seed(seed, epoch, 2))
-    indices, augmented = epoch_plan(len(train), aug.copies, shuffle)
+    torch.manual_seed(epoch_seed(seed, epoch, DROPOUT))
     model.train()
-    loss_sum = torch.zeros((), device=train.device)
-    correct = torch.zeros((), device=train.device)
-    steps = range(0, len(indices), p.batch_size)
-    bar = tqdm(steps, desc=f"{label} epoch {epoch}/{p.epochs}", leave=False, disable=not progress,
-               unit="batch", dynamic_ncols=True)
-    start = time.perf_counter()
-    for i, offset in enumerate(bar):
-        x, y = mixed_batch(train, indices[offset:offset + p.batch_size],
-                           augmented[offset:offset + p.batch_size], aug, augment_rng)
-        loss, logits = train_step(model, optimizer, x, y, autocast)
-        loss_sum += loss * len(y)
-        correct += (logits.argmax(1) == y).sum()
-        if progress and i % 10 == 0:
-            bar.set_postfix(loss=f"{loss_sum.item() / (offset + len(y)):.3f}")
-    n = len(indices)
-    loss_value, acc = loss_sum.item() / n, correct.item() / n  # the epoch's only host syncs
-    return loss_value, acc, n / (time.perf_counter() - start)
-
-
-def mixed_batch(train: Batches, indices: torch.Tensor, augmented: torch.Tensor, aug: AugmentConfig,
-                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch of the k:1 mix as (float images, labels) on the training device.
-
-    `indices` and `augmented` are host slices of `epoch_plan`'s output; the rows marked augmented
-    get a fresh random transform from `generator`, the others are the cached pixels as they are.
-    """
-    idx = indices.to(train.device, non_blocking=True)
-    rows = augmented.nonzero().squeeze(1)  # on the host: no sync
-    x = to_float(train.images[idx])
-    if len(rows):
-        rows = rows.to(train.device, non_blocking=True)
-        x[rows] = augment_batch(train.images[idx[rows]], aug, generator)
-    return x, train.labels[idx]
+    device = stream.split.device
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device)
+    seen, start = 0, time.perf_counter()
+    with bar:
+        for i, (x, y) in enumerate(stream.epoch(seed, epoch)):
+            loss, logits = train_step(model, optimizer, x, y, autocast)
+            loss_sum += loss * len(y)
+            correct += (logits.argmax(1) == y).sum()
+            seen += len(y)
+            bar.update()
+            if not bar.disable and i % 10 == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+    loss_value, acc = loss_sum.item() / seen, correct.item() / seen  # the epoch's only host syncs
+    return loss_value, acc, seen / (time.perf_counter() - start)
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
@@ -252,18 +202,53 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
     return loss.detach(), logits.detach()
 
 
+# --- checkpoints: written and read only here ---------------------------------------------------
+
 def _fresh_state() -> dict:
     return {"history": [], "best_val_loss": math.inf, "best_epoch": 0, "val_acc_at_best": 0.0,
             "best_state": None, "wall_time_s": 0.0, "resumed_from": 0}
 
 
-def _load_checkpoint(directory: Path | None, model, optimizer, device) -> dict:
-    path = directory / "last.pt" if directory else None
+def _read(path: Path, device) -> dict:
+    """A checkpoint's contents; raises on anything that is not a readable checkpoint."""
+    saved = torch.load(path, map_location=device, weights_only=True)  # never unpickles code
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise ValueError("not a chae-ablate checkpoint")
+    history = saved["state"].get("history")
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        raise ValueError("its history is not a list of epochs")
+    return saved
+
+
+def checkpoint_epochs(directory: Path) -> int:
+    """Epochs a cell's checkpoint holds (0 when there is none or it does not load)."""
+    path = directory / CHECKPOINT
+    try:
+        return len(_read(path, "cpu")["state"]["history"]) if path.exists() else 0
+    except Exception:  # a bad checkpoint is moved aside by load_checkpoint when the cell starts
+        return 0
+
+
+def load_checkpoint(directory: Path | None, model, optimizer, device) -> dict:
+    """Restore model and optimizer from the cell's checkpoint and return the training state; a
+    missing checkpoint is a fresh start, an unloadable one is moved aside with a warning."""
+    path = directory / CHECKPOINT if directory else None
     if path is None or not path.exists():
         return _fresh_state()
-    saved = torch.load(path, map_location=device, weights_only=False)
-    model.load_state_dict(saved["model"])
-    optimizer.load_state_dict(saved["optimizer"])
+    initial = ({k: v.clone() for k, v in model.state_dict().items()}, copy.deepcopy(optimizer.state_dict()))
+    try:
+        saved = _read(path, device)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+    except Exception as err:  # corrupt, truncated, planted or from an incompatible model
+        aside = path.with_name(f"{CHECKPOINT}.unloadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        path.replace(aside)
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        warnings.warn(f"checkpoint {path} does not load ({reason}); moved to {aside.name}, "
+                      "the cell restarts from epoch 1", CheckpointWarning, stacklevel=2)
+        model.load_state_dict(initial[0])  # a half-applied load must not leak into the restart
+        optimizer.load_state_dict(initial[1])
+        return _fresh_state()
     state = saved["state"]
     state["resumed_from"] = len(state["history"])
     return state
@@ -273,7 +258,7 @@ def _save_checkpoint(directory: Path | None, model, optimizer, state: dict) -> N
     """Atomic: a kill at any moment leaves the previous or the new checkpoint, never half of one."""
     if directory is None:
         return
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f"last.pt.{os.getpid()}.tmp"
-    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "state": state}, tmp)
-    os.replace(tmp, directory / "last.pt")
+    saved = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "state": state}
+    atomic_write(directory / CHECKPOINT, lambda f: torch.save(saved, f))
+

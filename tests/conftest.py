@@ -15,8 +15,8 @@ def slow_study(name: str) -> str:
     """A synthetic study whose cells last long enough (a few seconds) to be killed mid-way."""
     return f"""
 name: {name}
-data: {{source: synthetic, synthetic_classes: 3, synthetic_per_class: 100, augment: {{copies: 1}}}}
-protocol: {{epochs: 6, batch_size: 16, lr: 0.003, seeds: [0]}}
+data: {{source: synthetic, synthetic_classes: 3, synthetic_per_class: 100}}
+protocol: {{epochs: 6, batch_size: 16, lr: 0.003, seeds: [0], augment: {{copies: 1}}}}
 model:
   resolution: 32
   conv: {{stages: [{{channels: 16}}, {{channels: 16}}, {{channels: 32}}]}}

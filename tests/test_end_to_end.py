@@ -15,8 +15,7 @@ name: artists-e2e
 data:
   source: folder
   root: {ARTISTS11}
-  augment: {{copies: 1}}
-protocol: {{epochs: 2, batch_size: 32, lr: 0.001, seeds: [0]}}
+protocol: {{epochs: 2, batch_size: 32, lr: 0.001, seeds: [0], augment: {{copies: 1}}}}
 model: {{resolution: 32}}
 variants:
   depth1: {{description: "one transformer layer", set: {{model.transformer.depth: 1}}}}

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 from chae_ablate.data import load_dataset
-from chae_ablate.runner import RunOptions, open_ledger, run_study
+from chae_ablate.ledger import Ledger
+from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study, study_from_dict
 from chae_ablate.train import train_cell
 
@@ -35,14 +36,14 @@ def cell_runs(study_name: str):
 
 
 def complete_trials(study, runs_dir: Path) -> list:
-    ledger = open_ledger(study, RunOptions(runs_dir=runs_dir))
-    return [t for t in ledger.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    ledger = Ledger(study.name, RunOptions(runs_dir=runs_dir).storage_url)
+    return [t for t in ledger.trials() if t.state == optuna.trial.TrialState.COMPLETE]
 
 
 def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
     study = load_study(TINY)
-    rows = run_study(study, RunOptions(progress=False))
-    assert [r["state"] for r in rows] == ["COMPLETE"] * 4
+    summary = run_study(study, RunOptions(progress=False), report=False)
+    assert [c.state for c in summary.cells] == ["COMPLETE"] * 4
     client, parents, cells = cell_runs("synthetic-tiny")
     assert len(parents) == 1 and len(cells) == 4
     assert {(r.data.tags["variant"], r.data.tags["seed"]) for r in cells} == {
@@ -69,11 +70,11 @@ def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
 
 def test_rerun_skips_finished_cells_and_fresh_starts_over(workdir):
     study = load_study(TINY)
-    run_study(study, RunOptions(progress=False))
-    run_study(study, RunOptions(progress=False))
+    run_study(study, RunOptions(progress=False), report=False)
+    run_study(study, RunOptions(progress=False), report=False)
     assert len(cell_runs("synthetic-tiny")[2]) == 4
     assert len(complete_trials(study, Path("runs"))) == 4
-    run_study(study, RunOptions(progress=False, fresh=True))
+    run_study(study, RunOptions(progress=False, fresh=True), report=False)
     assert len(cell_runs("synthetic-tiny")[2]) == 4  # the old runs were deleted
     assert len(complete_trials(study, Path("runs"))) == 4
 
@@ -83,8 +84,8 @@ def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
     cell = study.cells()[0]
     data = load_dataset(cell.config.data, cell.config.model.resolution, Path("runs"), progress=False)
     device = torch.device("cpu")
-    first = train_cell(cell.config, cell.seed, data, device)
-    second = train_cell(cell.config, cell.seed, data, device)
+    first = train_cell(config=cell.config, seed=cell.seed, data=data, device=device)
+    second = train_cell(config=cell.config, seed=cell.seed, data=data, device=device)
     strip = lambda h: [{k: v for k, v in e.items() if k != "images_per_s"} for e in h]  # noqa: E731
     assert strip(first.history) == strip(second.history)
 
@@ -92,7 +93,7 @@ def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
         pass
 
     class CrashAfterEpoch2:
-        def restore(self, history):
+        def log_missed_epochs(self, history):
             self.restored = len(history)
 
         def log_epoch(self, epoch, metrics):
@@ -100,9 +101,11 @@ def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
                 raise Crash
 
     with pytest.raises(Crash):
-        train_cell(cell.config, cell.seed, data, device, Path("ckpt"), CrashAfterEpoch2())
+        train_cell(config=cell.config, seed=cell.seed, data=data, device=device, checkpoint_dir=Path("ckpt"),
+                   tracker=CrashAfterEpoch2())
     tracker = CrashAfterEpoch2()
-    resumed = train_cell(cell.config, cell.seed, data, device, Path("ckpt"), tracker)
+    resumed = train_cell(config=cell.config, seed=cell.seed, data=data, device=device,
+                         checkpoint_dir=Path("ckpt"), tracker=tracker)
     assert tracker.restored == 2 and resumed.resumed_from == 2
     assert strip(resumed.history) == strip(first.history)
     assert (resumed.best_val_loss, resumed.test_loss, resumed.test_acc) == (
@@ -110,16 +113,15 @@ def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
 
 
 def test_non_finite_loss_fails_the_cell_and_the_study_goes_on(workdir):
-    raw = {"name": "nan", "data": {"source": "synthetic", "synthetic_classes": 2, "synthetic_per_class": 12,
-                                   "augment": {"copies": 0}},
-           "protocol": {"epochs": 1, "lr": 1.0e30, "optimizer": "sgd"},
+    raw = {"name": "nan", "data": {"source": "synthetic", "synthetic_classes": 2, "synthetic_per_class": 12},
+           "protocol": {"epochs": 1, "lr": 1.0e30, "optimizer": "sgd", "augment": {"copies": 0}},
            "model": {"resolution": 16, "conv": {"stages": [{"channels": 4}, {"channels": 4}]},
                      "transformer": {"depth": 1, "heads": 1, "dim": 4, "mlp_hidden": [4]}},
            "variants": {"small_lr": {"set": {"protocol.lr": 0.001}}}}
-    rows = run_study(study_from_dict(raw, {}), RunOptions(progress=False))
-    states = {r["variant"]: r for r in rows}
-    assert states["baseline"]["state"] == "FAIL" and "non-finite" in states["baseline"]["failure_reason"]
-    assert states["small_lr"]["state"] == "COMPLETE"
+    summary = run_study(study_from_dict(raw, {}), RunOptions(progress=False), report=False)
+    states = {c.variant: c for c in summary.cells}
+    assert states["baseline"].state == "FAIL" and "non-finite" in states["baseline"].failure_reason
+    assert states["small_lr"].state == "COMPLETE"
     _, _, cells = cell_runs("nan")
     failed = [r for r in cells if r.info.status == "FAILED"]
     assert len(failed) == 1 and "non-finite" in failed[0].data.tags["failure_reason"]
@@ -193,7 +195,7 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
 @pytest.mark.slow
 def test_two_workers_on_one_storage_run_every_cell_once(workdir):
     study = load_study(TINY, {"protocol.seeds": [0, 1, 2]})
-    run_study(study, RunOptions(progress=False, workers=2))
+    run_study(study, RunOptions(progress=False, workers=2), report=False)
     _, _, cells = cell_runs("synthetic-tiny")
     assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
     assert len({r.data.tags["cell_hash"] for r in cells}) == 6

@@ -1,0 +1,254 @@
+"""The ledger: Optuna's RDB storage as the queue and record of a study's cells.
+
+One Optuna study per ablation study and one enqueued trial per cell (user attributes variant,
+seed, cell_hash). Workers — in this process, in child processes or on other machines — claim
+WAITING trials atomically, so no cell runs twice. A claimed trial carries a heartbeat: a worker
+killed mid-cell goes stale, its trial is failed and re-queued (RetryHeartbeatStaleTrialCallback),
+and the next worker resumes the cell from its checkpoint. Only this module imports optuna.
+"""
+from __future__ import annotations
+
+import importlib.util
+import threading
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+import sqlalchemy.exc
+from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, Trial, TrialState
+from sqlalchemy.engine import URL, make_url
+
+from .errors import ChaeError
+from .study import Cell
+
+ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
+
+
+def _internals(study: optuna.Study, trial: Trial | FrozenTrial | None = None) -> tuple[BaseStorage, int | None]:
+    """The storage behind `study` and the storage id of `trial`, which Optuna keeps private
+    (`Study._storage`, `Trial._trial_id`, `FrozenTrial._trial_id`; checked against optuna 5.0.0).
+    Claiming a WAITING trial without sampling a new one and recording heartbeats need them;
+    tests/test_ledger.py fails loudly if a new Optuna renames them."""
+    return study._storage, (trial._trial_id if trial is not None else None)
+
+
+def storage_url(url: str) -> URL:
+    """The parsed storage URL; a bare postgresql:// gets the psycopg2 driver when that is the one
+    installed (chae-ablate[postgres]): SQLAlchemy >= 2.1 maps it to psycopg 3."""
+    try:
+        parsed = make_url(url)
+    except Exception:
+        raise ChaeError(f"--storage {url.split('@')[-1]}: not a database URL; use e.g. "
+                        "sqlite:///runs/optuna.db or postgresql://user:pass@host/db") from None
+    if (parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None
+            and importlib.util.find_spec("psycopg2") is not None):
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    return parsed
+
+
+def shown(url: str | URL) -> str:
+    """The URL with its password masked, for messages."""
+    try:
+        return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
+    except Exception:
+        return "<storage URL>"
+
+
+def lost_connection(err: BaseException) -> sqlalchemy.exc.OperationalError | None:
+    """The database connection error behind err (raw, or wrapped in optuna's StorageInternalError)."""
+    for e in (err, err.__cause__):
+        if isinstance(e, sqlalchemy.exc.OperationalError):
+            return e
+    return None
+
+
+def lost_ledger(err: BaseException) -> str | None:
+    """What a lost connection to the ledger's database says, or None for any other error."""
+    lost = lost_connection(err)
+    if lost is None:
+        return None
+    return f"lost the connection to the Optuna storage ({str(lost.orig).strip().splitlines()[0][:200]})"
+
+
+def retrying(call, *args, transient=lost_connection, attempts: int = 5, **kwargs):
+    """call(*args, **kwargs), retried after 1, 2, 4, 8 s while transient(error): by default a
+    database connection lost for a moment."""
+    for attempt in range(attempts):
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if attempt == attempts - 1 or not transient(err):
+                raise
+            time.sleep(2 ** attempt)
+
+
+@dataclass(frozen=True)
+class CellState:
+    """A cell as the ledger sees it."""
+
+    variant: str
+    seed: int
+    cell_hash: str
+    state: str  # COMPLETE | RUNNING | WAITING | FAIL | MISSING
+    best_val_loss: float | None
+    test_acc: float | None
+    failure_reason: str
+
+
+class Ledger:
+    """The Optuna study that queues one ablation study's cells."""
+
+    def __init__(self, study_name: str, url: str, heartbeat_s: int = 5, grace_s: int = 15):
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        parsed = storage_url(url)
+        engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
+        if parsed.get_backend_name() == "sqlite" and parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        elif parsed.get_backend_name() == "postgresql":
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
+        try:
+            schema_race = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError) or _locked(e)  # noqa: E731
+            storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False),
+                               heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                               engine_kwargs=engine_kwargs, transient=schema_race)
+            self.study = retrying(optuna.create_study, study_name=study_name, storage=storage,
+                                  direction="minimize", load_if_exists=True, transient=schema_race)
+        except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
+            driver = getattr(err.__cause__, "name", None) or err.name or "database"
+            raise ChaeError(f"--storage {shown(parsed)}: needs the {driver} driver; "
+                            "pip install 'chae-ablate[postgres]'") from None
+        except Exception as err:  # sqlalchemy's connection and URL errors
+            reason = str(err).strip().splitlines()[0][:200]
+            raise ChaeError(f"--storage {shown(parsed)}: cannot open the Optuna storage ({reason})") from None
+        self.name = study_name
+
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def queue(self, cells: list[Cell]) -> int:
+        """Enqueue every cell that is neither finished, queued nor running; returns how many."""
+        fail_stale_trials(self.study)  # dead workers' cells go back to the queue
+        covered = {t.user_attrs.get("cell_hash") for t in self.trials() if t.state in (TrialState.COMPLETE, *ACTIVE)}
+        missing = [c for c in cells if c.hash not in covered]
+        for cell in missing:
+            self.study.enqueue_trial({}, user_attrs={"variant": cell.variant.name, "seed": cell.seed,
+                                                     "cell_hash": cell.hash})
+        return len(missing)
+
+    def claim(self) -> Claim | None:
+        """Atomically move one WAITING trial to RUNNING (as Study.ask does, but never samples a
+        new one); stale trials of dead workers are re-queued first."""
+        fail_stale_trials(self.study)
+        for frozen in self.trials(states=(TrialState.WAITING,)):
+            storage, trial_id = _internals(self.study, frozen)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    return Claim(self, Trial(self.study, trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+    def others_active(self) -> bool:
+        """Whether any trial is still queued or running (possibly another worker's)."""
+        return bool(self.trials(states=ACTIVE))
+
+    def is_duplicate(self, claim: Claim) -> bool:
+        """Another trial of the same cell is finished, or queued/running with a lower number."""
+        for other in self.trials():
+            if other.number == claim.trial.number or other.user_attrs.get("cell_hash") != claim.cell_hash:
+                continue
+            if other.state == TrialState.COMPLETE or (other.state in ACTIVE and other.number < claim.trial.number):
+                return True
+        return False
+
+    def progress(self, hashes: set[str]) -> tuple[int, int]:
+        """(cells finished, cells whose latest attempt failed) among `hashes`, over all workers."""
+        trials = [t for t in self.trials() if t.user_attrs.get("cell_hash") in hashes]
+        done = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE}
+        failed = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.FAIL} - done
+        return len(done), len(failed)
+
+    def cell_states(self, cells: list[Cell]) -> list[CellState]:
+        """One row per cell: its finished trial if any, else its latest attempt, else MISSING."""
+        by_hash: dict[str, FrozenTrial] = {}
+        for t in self.trials():
+            h = t.user_attrs.get("cell_hash")
+            if h and (h not in by_hash or by_hash[h].state != TrialState.COMPLETE):
+                by_hash[h] = t
+        rows = []
+        for cell in cells:
+            t = by_hash.get(cell.hash)
+            done = t is not None and t.state == TrialState.COMPLETE
+            rows.append(CellState(cell.variant.name, cell.seed, cell.hash, t.state.name if t else "MISSING",
+                                  t.value if done else None, t.user_attrs.get("test_acc") if t else None,
+                                  t.user_attrs.get("failure_reason", "") if t else ""))
+        return rows
+
+    def delete(self) -> None:
+        """Forget the whole study (for --fresh)."""
+        storage, _ = _internals(self.study)
+        optuna.delete_study(study_name=self.name, storage=storage)
+
+
+class Claim:
+    """A cell this worker holds: heartbeats, per-epoch reports, and its one outcome."""
+
+    def __init__(self, ledger: Ledger, trial: Trial):
+        self.ledger, self.trial = ledger, trial
+        self.cell_hash = trial.user_attrs.get("cell_hash")
+
+    def heartbeat(self, interval: float) -> Heartbeat:
+        storage, trial_id = _internals(self.ledger.study, self.trial)
+        return Heartbeat(lambda: storage.record_heartbeat(trial_id), interval)
+
+    def reported_epochs(self) -> set[int]:
+        storage, trial_id = _internals(self.ledger.study, self.trial)
+        return set(storage.get_trial(trial_id).intermediate_values)
+
+    def report(self, epoch: int, val_loss: float) -> None:
+        retrying(self.trial.report, val_loss, epoch)
+
+    def complete(self, summary: dict[str, float]) -> None:
+        for key, value in summary.items():
+            retrying(self.trial.set_user_attr, key, value)
+        retrying(self.ledger.study.tell, self.trial, summary["best_val_loss"])
+
+    def fail(self, reason: str) -> None:
+        retrying(self.trial.set_user_attr, "failure_reason", reason[:2000])
+        retrying(self.ledger.study.tell, self.trial, state=TrialState.FAIL)
+
+
+class Heartbeat:
+    """Calls beat() from a thread every `interval` seconds while the cell trains."""
+
+    def __init__(self, beat, interval: float):
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(beat, interval), daemon=True)
+
+    def _run(self, beat, interval: float) -> None:
+        while True:
+            try:
+                beat()
+            except Exception:  # a lost connection: keep trying; the grace period decides
+                pass
+            if self._stop.wait(interval):
+                return
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _locked(err: BaseException) -> bool:
+    """sqlite's 'database is locked' / schema-creation race between processes starting together."""
+    text = str(err).lower()
+    return isinstance(err, sqlalchemy.exc.OperationalError) and ("locked" in text or "already exists" in text)
