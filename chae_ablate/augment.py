@@ -8,21 +8,22 @@ a torch.Generator, so it runs on the GPU every training step without a Python lo
 What Keras >= 2.9 and Keras 3's legacy ImageDataGenerator do (keras-team/keras
 keras/src/legacy/preprocessing/image.py at v3.3.3, commit f6c4ac5: get_random_transform l. 1294,
 apply_transform l. 1385, transform_matrix_offset_center l. 1769, apply_affine_transform l. 1779;
-unchanged from keras/preprocessing/image.py in v2.9.0 to current master), for channels_last images:
+the same code in keras/preprocessing/image.py from v2.9.0 and on master 3422977), channels_last:
 - theta ~ U(-rotation_range, rotation_range) degrees, shear ~ U(-shear_range, shear_range), both
   converted with np.deg2rad: shear_range is in DEGREES, so the paper's 0.2 is a barely visible
   0.2 degree shear (kept as configured, not "fixed"); zx, zy ~ U(zoom_low, zoom_high) independently;
 - matrix = rotation @ shear @ zoom in (x, y) = (column, row) coordinates, output -> sampled input:
     input_col - cx = zx cos(theta) dx - zy sin(theta + shear) dy
     input_row - cy = zx sin(theta) dx + zy cos(theta + shear) dy,   dx = col - cx, dy = row - cy,
-  so positive theta turns the content counter-clockwise as displayed, the shear slides columns,
-  zx scales columns and zx, zy > 1 sample a wider area: they zoom OUT;
+  so positive theta turns the content counter-clockwise as displayed, the shear moves each row
+  sideways, zx scales columns, and zx, zy > 1 sample a wider area: they zoom OUT;
 - the pivot is (cx, cy) = (H/2 - 0.5, W/2 - 0.5): the centre for square images, but for
   non-square ones Keras pairs the column with the height (a quirk reproduced here); no shift;
 - horizontal flip with p = 0.5, applied after the affine transform;
 - scipy affine_transform, order=1 (bilinear), fill_mode='nearest' (replicate the border pixel).
-keras_preprocessing 1.1.2 differed: it applied the matrix to (row, col) (opposite rotation, shear
-along rows, zx on rows) about (H/2 + 0.5, W/2 + 0.5), a pixel off the centre.
+keras_preprocessing 1.1.2 differed (affine_transformations.py l. 245-336, tag 1.1.2 = 4538765): it
+applied the matrix to (row, col) (opposite rotation, shear moving columns up and down, zx on rows)
+about (H/2 + 0.5, W/2 + 0.5), a pixel off the centre.
 tests/test_augment.py checks the result against a transcription of Keras' functions.
 """
 from __future__ import annotations
