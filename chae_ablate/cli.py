@@ -88,6 +88,8 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
     typer.echo(summary.verdicts or _cells_text(summary.cells))
     if summary.report:
         typer.echo(f"report: {summary.report}")
+    if summary.link:
+        typer.echo(f"mlflow: {summary.link}  (run `mlflow ui` here first for a local store)")
     for c in summary.unfinished:
         typer.echo(f"not finished: {c.variant}/seed{c.seed} {c.state} {c.failure_reason}")
     if summary.unfinished:
@@ -125,8 +127,11 @@ def report(study: Annotated[str, typer.Argument(help="Study name or YAML file")]
            out: Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<study>)")] = None) -> None:
     """Build the comparison report of a study from its MLflow runs."""
     from .report import write_report
-    name = _load(Path(study), None, None, None).name if study.endswith((".yaml", ".yml")) else study
+    from .study import check_name
+    from .tracking import experiment_link
+    name = _load(Path(study), None, None, None).name if study.endswith((".yaml", ".yml")) else check_name(study)
     typer.echo(f"report: {write_report(name, out)}")
+    typer.echo(f"mlflow: {experiment_link(name)}  (run `mlflow ui` here first for a local store)")
 
 
 @data_app.command("prepare")

@@ -129,6 +129,9 @@ def fig_cost(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+FIGURES = ("figures/best_val_loss.png", "figures/val_loss_curves.png", "figures/params_vs_loss.png")
+
+
 def write_report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame,
                          out_dir: Path) -> list[tuple[str, str]]:
     """The report's three figures under out_dir/figures; returns (relative path, caption) pairs."""

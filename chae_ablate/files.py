@@ -6,10 +6,12 @@ hash or any other user-influenced name goes through `inside`.
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from .errors import ChaeError
 
@@ -46,3 +48,18 @@ def inside(parent: Path, *parts: str) -> Path:
     if resolved == base or base not in resolved.parents:
         raise ChaeError(f"{path} leaves its folder {parent}; refusing to use it")
     return path
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for the duration of the block:
+    processes that start at the same moment on one machine take turns (e.g. creating the tables of
+    a fresh sqlite database, which sqlite's own locking does not serialise)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -12,6 +12,7 @@ import importlib.util
 import threading
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import URL, make_url
 
 from .errors import ChaeError
+from .files import file_lock
 from .study import Cell
 
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
@@ -106,18 +108,22 @@ class Ledger:
         warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         parsed = storage_url(url)
         engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
+        lock = nullcontext()
         if parsed.get_backend_name() == "sqlite" and parsed.database:
-            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            database = Path(parsed.database)
+            database.parent.mkdir(parents=True, exist_ok=True)
+            lock = file_lock(database.with_name(f".{database.name}.lock"))  # processes create tables in turn
         elif parsed.get_backend_name() == "postgresql":
             engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
         try:
             schema_race = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError) or _locked(e)  # noqa: E731
-            storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False),
-                               heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-                               engine_kwargs=engine_kwargs, transient=schema_race)
-            self.study = retrying(optuna.create_study, study_name=study_name, storage=storage,
-                                  direction="minimize", load_if_exists=True, transient=schema_race)
+            with lock:
+                storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False),
+                                   heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                                   engine_kwargs=engine_kwargs, transient=schema_race)
+                self.study = retrying(optuna.create_study, study_name=study_name, storage=storage,
+                                      direction="minimize", load_if_exists=True, transient=schema_race)
         except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
             driver = getattr(err.__cause__, "name", None) or err.name or "database"
             raise ChaeError(f"--storage {shown(parsed)}: needs the {driver} driver; "

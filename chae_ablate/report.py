@@ -23,13 +23,14 @@ import pandas as pd
 from . import stats
 from .errors import ChaeError
 from .files import inside
-from .figures import write_report_figures
+from .figures import FIGURES, write_report_figures
 from .metrics import SUMMARY_METRICS
 from .study import BASELINE
 
 METRICS = [*SUMMARY_METRICS, "resolution"]
 TEXT_COLUMNS = ["run_id", "variant", "cell_hash", "description", "status", "failure_reason"]
 PAPER_EPOCHS = 20  # the paper's claim is about 20-epoch training
+REPORT_FILES = ("report.md", "report.html", "results.csv", "summary.csv")
 Block = tuple  # ("h1"|"h2"|"p", text) | ("table", DataFrame) | ("img", path, caption) | ("list", items)
 
 
@@ -394,5 +395,6 @@ def write_report(study_name: str, out_dir: Path | None = None) -> Path:
     cells, epochs, expected = tracking.load_study_runs(study_name)
     out = Path(out_dir) if out_dir is not None else inside(Path("reports"), study_name)
     md = build_report(study_name, cells, epochs, expected, out)
-    tracking.log_report_artifacts(study_name, out)
+    written = [out / name for name in REPORT_FILES] + [out / path for path in FIGURES]
+    tracking.log_report_artifacts(study_name, out, [p for p in written if p.exists()])
     return md

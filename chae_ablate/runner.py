@@ -11,7 +11,7 @@ import multiprocessing
 import os
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -59,7 +59,7 @@ class RunSummary:
     cells: list[CellState]
     report: Path | None = None
     verdicts: str = ""  # the report's per-variant table, as text
-    notes: list[str] = field(default_factory=list)
+    link: str | None = None  # the study's runs table in the MLflow UI
 
     @property
     def unfinished(self) -> list[CellState]:
@@ -179,9 +179,16 @@ class _EpochReporter:
 
 # --- the commands ----------------------------------------------------------------------------
 
+def check_runs_dir(options: RunOptions) -> None:
+    if options.runs_dir.exists() and not options.runs_dir.is_dir():
+        raise ChaeError(f"--runs-dir {options.runs_dir}: is a file, not a folder; point it at a folder "
+                        "(it holds caches, checkpoints and the ledger)")
+
+
 def start_study(study: Study, options: RunOptions) -> StudySession:
     """Everything that can fail before training: data present and cached, servers reachable;
     then the study's cells queued."""
+    check_runs_dir(options)
     data = LoadedData(options.runs_dir, options.bars)
     for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
         data.get(*key)  # builds each resolution's decode-once cache before any worker starts
@@ -206,14 +213,18 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     device = pick_device(options.device)
     session = start_study(study, options)
     total = len(study.cells())
-    if options.workers <= 1:
-        _set_threads(options, 1)
-        with StudyProgress(session.ledger, study, total, options.progress) as bar:
-            Worker(study, options, device, session).run(on_cell_done=bar.cell_done)
-    else:
-        _run_children(study, options, session.ledger, total)
+    try:
+        if options.workers <= 1:
+            _set_threads(options, 1)
+            with StudyProgress(session.ledger, study, total, options.progress) as bar:
+                Worker(study, options, device, session).run(on_cell_done=bar.cell_done)
+        else:
+            _run_children(study, options, session.ledger, total)
+    except BaseException:
+        session.log.finish("FAILED")  # never leave the study's parent run RUNNING
+        raise
     session.log.finish()
-    summary = RunSummary(study.name, session.ledger.cell_states(study.cells()))
+    summary = RunSummary(study.name, session.ledger.cell_states(study.cells()), link=tracking.experiment_link(study.name))
     if report:
         from .report import summary_table_text, write_report
         summary.report = write_report(study.name)
@@ -250,6 +261,7 @@ def run_worker(study: Study, options: RunOptions) -> int:
 
     It queues missing cells too, so machines may start in any order; a cell queued twice by a
     race runs once (Ledger.is_duplicate)."""
+    check_runs_dir(options)
     tracking.check_tracking_server()
     _set_threads(options, 1)
     session = open_session(study, options)

@@ -8,6 +8,7 @@ processes and threads never share state.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -20,12 +21,15 @@ import pandas as pd
 
 from .config import to_dict
 from .errors import ChaeError
+from .files import file_lock
 from .metrics import EPOCH_METRICS, SUMMARY_METRICS
 from .provenance import git_state
 from .study import Cell
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "chae.role"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's runs table, not GenAI traces
+UI_VIEW = "?workflowType=machine_learning"  # opens the runs table whatever the browser last chose
 PARENT_SETTLE_S = 2.0  # how long a worker that created a parent run waits for racing ones
 
 
@@ -40,14 +44,30 @@ def tracking_uri() -> str:
     return uri
 
 
-def _client():
+def _sqlite_path(uri: str) -> Path | None:
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def _client(create: bool = True):
+    """An MlflowClient on tracking_uri(). A local sqlite store is created (tables included) under
+    a file lock, so any number of processes starting at once on a fresh folder take turns instead
+    of racing in MLflow's schema migration; with create=False a missing store is a ChaeError."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail within seconds, not minutes
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import logging
 
     from mlflow.tracking import MlflowClient
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    return MlflowClient(tracking_uri=tracking_uri())
+    for name in ("alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    uri = tracking_uri()
+    database = _sqlite_path(uri)
+    if database is not None and not create and not database.exists():
+        raise ChaeError(f"no MLflow store at {database}; run a study here first (chae-ablate run STUDY.yaml) "
+                        "or set MLFLOW_TRACKING_URI")
+    if database is None:
+        return MlflowClient(tracking_uri=uri)
+    with file_lock(database.with_name(f".{database.name}.lock")):
+        return MlflowClient(tracking_uri=uri)  # creates the store: tables, migrations, default experiment
 
 
 def _entities():
@@ -128,11 +148,13 @@ class StudyLog:
         if exp is not None:
             if exp.lifecycle_stage == "deleted":
                 self.client.restore_experiment(exp.experiment_id)
+            if exp.tags.get("mlflow.experimentKind") is None:
+                self.client.set_experiment_tag(exp.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
             return exp.experiment_id
         local = not tracking_uri().startswith(("http://", "https://"))
         location = (artifact_root / "mlartifacts").resolve().as_uri() if local else None
         try:
-            return self.client.create_experiment(self.study_name, artifact_location=location)
+            return self.client.create_experiment(self.study_name, artifact_location=location, tags=EXPERIMENT_KIND)
         except Exception:  # another worker created it first
             return self.client.get_experiment_by_name(self.study_name).experiment_id
 
@@ -178,8 +200,13 @@ class StudyLog:
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return CellRun(self.client, run.info.run_id, set())
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.parent_id, "FINISHED")
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the parent run (best effort when FAILED: the server may be what was lost)."""
+        try:
+            self.client.set_terminated(self.parent_id, status)
+        except Exception:
+            if status == "FINISHED":
+                raise
 
 
 def _parent_runs(client, experiment_id: str) -> list:
@@ -205,9 +232,18 @@ class CellRun:
         self.logged.add(epoch)
 
     def log_cell_inputs(self, cell: Cell, data) -> None:
-        """The resolved config and the split manifest, as artifacts of the cell's run."""
+        """The resolved config and the split manifest as artifacts, and the dataset as the run's
+        MLflow input (name, digest of the split manifest, source), so the UI's Dataset column shows it."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
         self.client.log_dict(self.run_id, to_dict(cell.config), "config.json")
         self.client.log_artifact(self.run_id, str(data.manifest))
+        source = cell.config.data
+        where = str(Path(source.root).resolve()) if source.source == "folder" else f"chae-ablate:{source.source}"
+        name = Path(source.root).name if source.source == "folder" else source.source
+        digest = hashlib.sha256(Path(data.manifest).read_bytes()).hexdigest()[:16]
+        dataset = Dataset(name=name, digest=digest, source_type="local" if source.source == "folder" else "code",
+                          source=where)
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))
@@ -234,7 +270,7 @@ class CellRun:
 def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
     """(cells, epochs, expected cells) of a study: one row per cell (its latest attempt), one per cell-epoch,
     and every cell the study expects."""
-    client = _client()
+    client = _client(create=False)
     exp = client.get_experiment_by_name(study_name)
     if exp is None:
         raise ChaeError(f"no MLflow experiment named {study_name!r} at {tracking_uri()}; "
@@ -287,13 +323,29 @@ def _expected_cells(client, experiment_id: str) -> list[dict]:
         return json.loads(Path(path).read_text())["cells"]
 
 
-def log_report_artifacts(study_name: str, report_dir: Path) -> None:
-    """The report folder becomes artifacts of the study's parent run, under report/."""
+def log_report_artifacts(study_name: str, report_dir: Path, files: list[Path]) -> None:
+    """The report's files become artifacts of the study's parent run, under report/ (only the files
+    the report wrote: never a whole folder, which might hold anything)."""
     client = _client()
     exp = client.get_experiment_by_name(study_name)
     parents = exp and _parent_runs(client, exp.experiment_id)
-    if parents:
-        client.log_artifacts(parents[0].info.run_id, str(report_dir), "report")
+    for path in files if parents else []:
+        folder = Path("report", Path(path).relative_to(report_dir).parent).as_posix().rstrip("/.")
+        client.log_artifact(parents[0].info.run_id, str(path), folder)
+
+
+def experiment_link(study_name: str) -> str | None:
+    """The study's runs table in the MLflow UI: the tracking server's address, or what a bare
+    `mlflow ui` serves locally; None when the study has no experiment."""
+    uri = tracking_uri()
+    try:
+        exp = _client(create=False).get_experiment_by_name(study_name)
+    except ChaeError:
+        return None
+    if exp is None:
+        return None
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    return f"{base}/#/experiments/{exp.experiment_id}{UI_VIEW}"
 
 
 def delete_study_runs(study_name: str) -> int:

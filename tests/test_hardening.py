@@ -1,0 +1,171 @@
+"""Hostile and unlucky inputs, each reproduced first: planted and corrupt checkpoints, names that
+would leave their folder, a cell that raises, processes that start together, bad folders."""
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from chae_ablate import train
+from chae_ablate.cli import app
+from chae_ablate.errors import ChaeError
+from chae_ablate.files import inside
+from chae_ablate.runner import RunOptions, checkpoint_dir, run_study
+from chae_ablate.study import load_study
+
+from conftest import STUDIES
+
+TINY = STUDIES / "synthetic-tiny.yaml"
+cli = CliRunner()
+
+
+class Planted:
+    """A pickle that runs a shell command when unpickled with weights_only=False."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def one_cell_study():
+    return load_study(TINY, {"protocol.seeds": [0]})
+
+
+@pytest.mark.parametrize("payload", ["planted", "garbage", "wrong shape"])
+def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir, payload):
+    study = one_cell_study()
+    cell = study.cells()[0]
+    folder = checkpoint_dir(RunOptions(), study, cell)
+    folder.mkdir(parents=True)
+    marker = workdir / "pwned"
+    if payload == "planted":
+        (folder / "last.pt").write_bytes(pickle.dumps({"state": Planted(marker)}))
+    elif payload == "garbage":
+        (folder / "last.pt").write_bytes(os.urandom(4096))
+    else:  # a real checkpoint of another model: loads as data, then fails load_state_dict
+        torch.save({"model": {"w": torch.zeros(3)}, "optimizer": {}, "state": {"history": [{}]}}, folder / "last.pt")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = run_study(study, RunOptions(progress=False), report=False)
+    assert not marker.exists(), "unpickling the checkpoint ran code"
+    assert [c.state for c in summary.cells] == ["COMPLETE"] * 2
+    assert any(issubclass(w.category, train.CheckpointWarning) for w in caught)
+    assert len(list(folder.glob("last.pt.unloadable-*"))) == 1
+    assert train.checkpoint_epochs(folder) == 2  # the restarted cell wrote a good one
+
+
+def test_paths_from_names_cannot_leave_their_folder(tmp_path):
+    for bad in ("..", ".", "", "a/b", "../x"):
+        with pytest.raises(ChaeError):
+            inside(tmp_path, "checkpoints", bad)
+    (tmp_path / "link").symlink_to("/")
+    with pytest.raises(ChaeError):
+        inside(tmp_path, "link")
+    assert inside(tmp_path, "checkpoints", "paper11") == tmp_path / "checkpoints" / "paper11"
+
+
+@pytest.mark.parametrize("name", ["..", ".", "../runs", ".hidden", "a" * 65])
+def test_study_names_that_would_escape_are_one_line_errors(workdir, name):
+    (workdir / "s.yaml").write_text(f"name: '{name}'\n")
+    for command in (["plan", "s.yaml"], ["run", "s.yaml", "--fresh"], ["report", name]):
+        result = cli.invoke(app, command)
+        assert result.exit_code == 1, (command, result.output)
+        assert "is not a study name" in result.output and "Traceback" not in result.output
+    assert not (workdir / "runs").exists() and not (workdir / "reports").exists()
+
+
+def test_an_unexpected_error_fails_one_cell_and_the_study_goes_on(workdir, monkeypatch):
+    real = train.train_cell
+
+    def flaky(**kwargs):
+        if kwargs["label"] == "depth2/seed1":
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real(**kwargs)
+    monkeypatch.setattr("chae_ablate.runner.train_cell", flaky)
+    summary = run_study(load_study(TINY), RunOptions(progress=False))
+    states = {(c.variant, c.seed): c for c in summary.cells}
+    assert states[("depth2", 1)].state == "FAIL"
+    assert "RuntimeError: CUDA out of memory" in states[("depth2", 1)].failure_reason
+    assert sum(c.state == "COMPLETE" for c in summary.cells) == 3
+    assert summary.report is not None and summary.report.exists()
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("synthetic-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    assert {r.info.status for r in runs if r.data.tags.get("chae.role") == "study"} == {"FINISHED"}
+    failed = [r for r in runs if r.info.status == "FAILED"]
+    assert len(failed) == 1 and "out of memory" in failed[0].data.tags["failure_reason"]
+
+
+def test_run_exits_1_and_counts_failed_cells(workdir, monkeypatch):
+    def broken(**kwargs):
+        raise ValueError("boom")
+    monkeypatch.setattr("chae_ablate.runner.train_cell", broken)
+    result = cli.invoke(app, ["run", str(TINY), "--no-progress", "--no-report"])
+    assert result.exit_code == 1
+    assert "4 of 4 cells did not finish" in result.output and "Traceback" not in result.output
+
+
+def test_runs_dir_that_is_a_file_is_one_line(workdir):
+    (workdir / "runs").write_text("not a folder")
+    result = cli.invoke(app, ["run", str(TINY), "--no-progress"])
+    assert result.exit_code == 1 and "--runs-dir runs: is a file" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_report_on_an_empty_folder_creates_nothing(workdir):
+    result = cli.invoke(app, ["report", "paper11"])
+    assert result.exit_code == 1 and "no MLflow store" in result.output
+    assert list(workdir.iterdir()) == []
+
+
+def test_a_log_gets_one_line_per_cell_and_the_ui_link(workdir):
+    result = cli.invoke(app, ["run", str(TINY)])  # CliRunner's stderr is not a terminal
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert [line.split("] ")[0] for line in lines if line.startswith("[")] == [
+        f"[{i}/4 done, 0 failed" for i in range(1, 5)]
+    assert "\r" not in result.output  # no progress-bar redraws
+    assert "mlflow: http://127.0.0.1:5000/#/experiments/1?workflowType=machine_learning" in result.output
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("synthetic-tiny")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    run = client.search_runs([exp.experiment_id], "tags.variant = 'baseline'")[0]
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == "synthetic" and len(inputs[0].dataset.digest) == 16
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "TQDM_DISABLE": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
+    """Both create the MLflow and Optuna schemas at the same moment: both must exit 0, with one
+    parent run, every cell once and the report written."""
+    for attempt in range(2):
+        folder = tmp_path / f"try{attempt}"
+        folder.mkdir()
+        procs = [_cli("run", str(TINY), "--no-progress", cwd=folder), _cli("worker", str(TINY), "--no-progress", cwd=folder)]
+        outputs = [p.communicate(timeout=600)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outputs
+        client = mlflow.tracking.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+        exp = client.get_experiment_by_name("synthetic-tiny")
+        runs = client.search_runs([exp.experiment_id])
+        assert len([r for r in runs if r.data.tags.get("chae.role") == "study"]) == 1
+        cells = [r for r in runs if r.data.tags.get("chae.role") == "cell"]
+        assert len(cells) == 4 and len({r.data.tags["cell_hash"] for r in cells}) == 4
+        assert all(r.info.status == "FINISHED" for r in cells)
+        assert (folder / "reports" / "synthetic-tiny" / "report.html").exists()
