@@ -7,6 +7,7 @@ and value ranges once, before any training starts, and reports errors as
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import difflib
 import math
@@ -35,7 +36,7 @@ class ConvStage:
         if self.kernel % 2 == 0:
             errors.append(("kernel", f"{self.kernel} is even; use an odd size such as 3 or 5"))
         if self.pool not in POOLS:
-            errors.append(("pool", f"{self.pool!r} is not one of {', '.join(POOLS)}"))
+            errors.append(("pool", f"{short(self.pool)} is not one of {', '.join(POOLS)}"))
         return errors
 
 
@@ -57,7 +58,7 @@ class ConvConfig:
         if not self.stages:
             errors.append(("stages", "is empty; give at least one stage, e.g. [{channels: 32}]"))
         if self.extra_pool not in POOLS:
-            errors.append(("extra_pool", f"{self.extra_pool!r} is not one of {', '.join(POOLS)}"))
+            errors.append(("extra_pool", f"{short(self.extra_pool)} is not one of {', '.join(POOLS)}"))
         return errors
 
     @property
@@ -83,7 +84,7 @@ class TransformerConfig:
                    for i, h in enumerate(self.mlp_hidden) if not 0 < h <= 16384]
         if len(self.mlp_hidden) > 8:
             errors.append(("mlp_hidden", f"has {len(self.mlp_hidden)} layers; at most 8 are supported"))
-        if self.heads > 0 and self.dim > 0 and self.dim % self.heads:
+        if 0 < self.dim <= 4096 and self.heads > 0 and self.dim % self.heads:  # (a huge dim: _at_most says so)
             valid = ", ".join(str(h) for h in range(1, self.dim + 1) if self.dim % h == 0)
             errors.append(("heads", f"{self.heads} does not divide dim {self.dim} (valid: {valid})"))
         return errors
@@ -99,7 +100,7 @@ class ModelConfig:
     def check(self) -> list[tuple[str, str]]:
         errors = _positive(self, "resolution") + _at_most(self, resolution=2048)
         if self.activation not in ACTIVATIONS:
-            errors.append(("activation", f"{self.activation!r} is not one of {', '.join(ACTIVATIONS)}"))
+            errors.append(("activation", f"{short(self.activation)} is not one of {', '.join(ACTIVATIONS)}"))
         stride = self.conv.stride
         if self.resolution > 0 and self.conv.stages:
             if self.resolution % stride:
@@ -155,9 +156,11 @@ class DataConfig:
         errors += _seed_range(self, "split_seed", self.split_seed)
         errors += _at_most(self, synthetic_classes=1000, synthetic_per_class=10_000)
         if self.source not in SOURCES:
-            errors.append(("source", f"{self.source!r} is not one of {', '.join(SOURCES)}"))
+            errors.append(("source", f"{short(self.source)} is not one of {', '.join(SOURCES)}"))
         if self.source == "folder" and not self.root:
             errors.append(("root", "is required when source is 'folder'"))
+        if self.root is not None and (len(self.root) > 4096 or "\0" in self.root):
+            errors.append(("root", f"{short(self.root)} is not a usable path (over 4,096 characters or a NUL byte)"))
         for name in ("test_fraction", "val_fraction"):
             if not 0 < getattr(self, name) < 1:
                 errors.append((name, f"{getattr(self, name)} must be between 0 and 1"))
@@ -183,11 +186,12 @@ class ProtocolConfig:
         if len(self.seeds) > 10_000:
             errors.append(("seeds", f"has {len(self.seeds):,} seeds; at most 10,000 are supported"))
         if self.optimizer not in OPTIMIZERS:
-            errors.append(("optimizer", f"{self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"))
+            errors.append(("optimizer", f"{short(self.optimizer)} is not one of {', '.join(OPTIMIZERS)}"))
         if not self.seeds:
             errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
-        if len(set(self.seeds)) != len(self.seeds):
-            errors.append(("seeds", f"{list(self.seeds)} has duplicates"))
+        repeated = [(seed, n) for seed, n in collections.Counter(self.seeds).items() if n > 1]
+        if repeated:
+            errors.append(("seeds", f"seed {repeated[0][0]} appears {repeated[0][1]} times; each seed is one cell"))
         return errors
 
 
@@ -212,6 +216,7 @@ def _at_most(obj: Any, **limits: int) -> list[tuple[str, str]]:
 
 
 MAX_SEED = 2**31 - 1
+MAX_INT = 2**63 - 1  # any int setting: bounding it in _convert keeps every later message short
 
 
 def _seed_range(obj: Any, name: str, seed: int) -> list[tuple[str, str]]:
@@ -271,23 +276,29 @@ def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
 
 
 def _join(path: str, key: Any) -> str:
-    key = short(key, 60) if not isinstance(key, str) else key[:60]
-    return f"{path}.{key}" if path else str(key)
+    return f"{path}.{key_text(key)}" if path else key_text(key)
+
+
+def key_text(key: Any) -> str:
+    """A key or name as an error path shows it: as written when it is a short printable string,
+    else its short repr (so a key with a newline or 10,000 characters keeps the error one line)."""
+    return key if isinstance(key, str) and key.isprintable() and 0 < len(key) <= 64 else short(key)
 
 
 def short(value: Any, width: int = 60) -> str:
     """repr of a value cut to `width` characters: error messages stay one short line whatever the
-    input (a huge or deeply shared YAML structure is never expanded)."""
-    if isinstance(value, (dict, list, tuple)):
+    input (a huge or deeply shared YAML structure is never expanded, a huge integer never printed)."""
+    if isinstance(value, (dict, list, tuple, set)):
         text = f"{type(value).__name__} of {len(value)}"
+    elif isinstance(value, int) and value.bit_length() > 3 * width:
+        text = f"{'-' if value < 0 else ''}{int(value.bit_length() * math.log10(2)) + 1:,}-digit integer"
     else:
-        text = repr(value) if not isinstance(value, str) or len(value) < 1000 else repr(value[:width])
-    text = text.replace("\n", " ")
+        text = repr(value[: width + 1] if isinstance(value, (str, bytes)) else value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def describe(value: Any) -> str:
-    return f"{type(value).__name__} {short(value)}" if not isinstance(value, (dict, list, tuple)) else short(value)
+    return short(value) if isinstance(value, (dict, list, tuple, set)) else f"{type(value).__name__} {short(value)}"
 
 
 def _convert(hint: Any, value: Any, path: str) -> Any:
@@ -312,6 +323,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         raise ConfigError(f"{path}: expected {hint.__name__}, got {describe(value)}{_number_hint(hint, value)}")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{path}: {value} is not a finite number")
+    if hint is int and not -MAX_INT <= value <= MAX_INT:
+        raise ConfigError(f"{path}: {short(value)} is out of range for a setting (|value| <= 2**63 - 1)")
     return value
 
 
@@ -322,5 +335,5 @@ def _number_hint(hint: Any, value: Any) -> str:
             number = float(value)
         except ValueError:
             return ""
-        return f" (YAML reads {value} as text; write it as {number!r})"
+        return f" (YAML reads {short(value)} as text; write it as {number!r})" if math.isfinite(number) else ""
     return ""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +19,19 @@ from typing import Any
 
 import yaml
 
-from .config import ExperimentConfig, did_you_mean, parse, short, to_dict
+from .config import ExperimentConfig, did_you_mean, key_text, parse, short, to_dict
 from .errors import ConfigError
 
 BASELINE = "baseline"
 STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "variants")
 VARIANT_KEYS = ("description", "set")
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+INDEX_RULE = re.compile(r"0|[1-9][0-9]{0,5}")  # one spelling per list item: not 00, not '²'
 NAME_HELP = "1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
-MAX_FILE_BYTES = 4 * 2**20  # a study file is a page of YAML; this is generous
+MAX_FILE_BYTES = 2**19  # a page of YAML; 999 variants take ~150 kB; parsing 512 kB of `1,1,...` ~2 s
 MAX_VALUES = 200_000  # values in a study once YAML aliases are expanded (a billion-laughs guard)
 MAX_VARIANTS = 1000
-MAX_BASE_DEPTH = 16
+MAX_BASE_DEPTH = 8  # levels of base: (each error names every file on the way, so keep it short)
 
 
 @dataclass(frozen=True)
@@ -91,12 +93,16 @@ def cell_hash(config: ExperimentConfig, seed: int) -> str:
 
 # --- reading YAML safely ----------------------------------------------------------------------
 
-class _StrictLoader(yaml.SafeLoader):
-    """yaml.SafeLoader that refuses duplicate keys (YAML keeps the last one silently)."""
+class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: fast, bounds nesting
+    """A safe YAML loader for study files. A duplicate key is an error (YAML keeps the last one
+    silently), a date stays text, and a scalar that an explicit tag forces into the wrong type
+    (`!!int abc`, an integer of 5,000 digits) is a one-line error instead of a Python exception."""
 
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: flatten_mapping's job
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 duplicate = key in seen
@@ -108,71 +114,106 @@ class _StrictLoader(yaml.SafeLoader):
                                   "YAML would silently keep only the last one — remove or rename one")
         return super().construct_mapping(node, deep=deep)
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, LookupError) as err:  # PyYAML's scalar constructors trust the tag
+            kind = node.tag.rsplit(":", 1)[-1]
+            raise ConfigError(f"line {node.start_mark.line + 1}: {short(node.value)} is not a valid {kind} "
+                              f"({str(err).split(':')[0][:80]})") from None
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
+
+
+def load_yaml(data: bytes, where: str) -> Any:
+    """YAML as plain data. Whatever the bytes, this returns or raises a one-line ConfigError that
+    starts with `where`, in bounded time and memory (see _check_size)."""
+    loader = _StrictLoader(data)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_size(node)
+        return loader.construct_document(node)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+        raise ConfigError(f"{where}:{line} is not valid YAML ({problem[:200]})") from None
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+    except RecursionError:  # pure-Python PyYAML only; libyaml refuses deep nesting itself
+        raise ConfigError(f"{where}: nested too deeply to be a study file") from None
+    finally:
+        loader.dispose()
+
 
 def read_yaml(path: Path) -> Any:
     """A YAML file as plain data, with one-line errors for every way it can be unusable."""
-    if not path.is_file():
-        what = "is not a file" if path.exists() else "study file not found (the studies/ folder has examples)"
-        raise ConfigError(f"{path}: {what}")
-    if path.stat().st_size > MAX_FILE_BYTES:
-        raise ConfigError(f"{path}: {path.stat().st_size:,} bytes; a study file must be under {MAX_FILE_BYTES:,}")
+    where = shown(path)
     try:
-        text = path.read_bytes().decode("utf-8")
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "study file not found (the studies/ folder has examples)"
+            raise ConfigError(f"{where}: {what}")
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ConfigError(f"{where}: {size:,} bytes; a study file must be under {MAX_FILE_BYTES:,}")
+        data = path.read_bytes()
+    except OSError as err:  # unreadable, or a name the OS refuses (too long)
+        raise ConfigError(f"{where}: cannot be read ({err.strerror or err})") from None
+    try:
+        data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte {err.start}); is it really a study file?") from None
-    try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        problem = str(getattr(err, "problem", None) or err).splitlines()[0][:200]
-        raise ConfigError(f"{path}:{where} is not valid YAML ({problem})") from None
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    except RecursionError:
-        raise ConfigError(f"{path}: nested too deeply to be a study file") from None
-    _check_size(raw, path)
-    return raw
+        raise ConfigError(f"{where}: not UTF-8 text (byte {err.start}); is it really a study file?") from None
+    return load_yaml(data, where)
 
 
-def _check_size(raw: Any, path: Path) -> None:
-    """Refuse data that expands to more than MAX_VALUES values or nests deeper than 64 levels.
+def shown(path: Path) -> str:
+    """A file path as errors show it: as given, or as a short repr when it is long or unprintable."""
+    text = str(path)
+    return text if text.isprintable() and len(text) <= 200 else short(text, 200)
 
-    YAML aliases share one object, so a 'billion laughs' file loads small and explodes only
-    when walked; this walk stops at the limit instead."""
-    stack, count = [(raw, 0)], 0
+
+def _check_size(root: yaml.Node) -> None:
+    """Refuse YAML whose nodes, every alias expanded, number more than MAX_VALUES or nest deeper
+    than 64 levels. Aliases share one node, so a 'billion laughs' file or a merge-key bomb
+    (`<<: [*a, *a]` repeated) is a few lines that would explode once constructed or walked;
+    this walk runs before construction and stops at the limit."""
+    stack, count = [(root, 0)], 0
     while stack:
         node, depth = stack.pop()
         count += 1
         if count > MAX_VALUES or depth > 64:
             why = f"expands to more than {MAX_VALUES:,} values" if count > MAX_VALUES else "nests deeper than 64 levels"
-            raise ConfigError(f"{path}: {why} (YAML aliases or anchors?); a study file is a few dozen lines")
-        if isinstance(node, dict):
-            stack += [(v, depth + 1) for v in node.values()] + [(k, depth + 1) for k in node]
-        elif isinstance(node, list):
-            stack += [(v, depth + 1) for v in node]
+            raise ConfigError(f"{why} (YAML aliases or anchors?); a study file is a few dozen lines")
+        if isinstance(node, yaml.MappingNode):
+            stack += [(n, depth + 1) for pair in node.value for n in pair]
+        elif isinstance(node, yaml.SequenceNode):
+            stack += [(n, depth + 1) for n in node.value]
 
 
 def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict:
     """The study file with its `base:` studies (relative to the file) deep-merged under it."""
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(p.name for p in (*chain, resolved))
-        raise ConfigError(f"{path}: base: studies form a cycle ({cycle}); remove one base:")
-    if len(chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{path}: more than {MAX_BASE_DEPTH} levels of base: studies")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {short(raw)}")
+        raise ConfigError(f"{shown(path)}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {short(raw)}")
     base = raw.get("base")
     if base is None:
         return raw
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: base: expected a study file name, e.g. base: paper11.yaml")
+    if not isinstance(base, str) or not base.strip() or "\0" in base:
+        raise ConfigError(f"{shown(path)}: base: expected a study file name, e.g. base: paper11.yaml")
+    chain = (*chain, Path(os.path.realpath(path)))  # realpath: never raises, unlike resolve() on a symlink loop
     base_path = path.parent / base
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: base: {base_path} not found (relative to the study file)")
-    parent = _read_with_bases(base_path, (*chain, resolved))
+    if (real := Path(os.path.realpath(base_path))) in chain:
+        cycle = " -> ".join(shown(Path(p.name)) for p in (*chain, real))
+        raise ConfigError(f"{shown(path)}: base: studies form a cycle ({cycle}); remove one base:")
+    if len(chain) >= MAX_BASE_DEPTH:
+        raise ConfigError(f"{shown(path)}: more than {MAX_BASE_DEPTH} levels of base: studies")
+    try:
+        parent = _read_with_bases(base_path, chain)
+    except ConfigError as err:  # name the file whose base: it is
+        raise ConfigError(f"{shown(path)}: base: {err}") from None
     parent.pop("name", None)  # a study's name is its own, never inherited
     parent.pop("base", None)
     child = {k: v for k, v in raw.items() if k != "base"}
@@ -211,14 +252,12 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
         raise ConfigError(f"study: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {short(raw)}")
     for key in raw:
         if key not in STUDY_KEYS:
-            raise ConfigError(f"{short(key)}: unknown key{did_you_mean(str(key), STUDY_KEYS)}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
-        raise ConfigError(f"name: {short(name)} is not a study name; use {NAME_HELP} (e.g. name: paper11)")
+            raise ConfigError(f"{key_text(key)}: unknown key{did_you_mean(str(key), STUDY_KEYS)}")
+    name = check_name(raw.get("name"), "name: ")
     base = to_dict(ExperimentConfig())
     for section in ("data", "model", "protocol"):
-        if raw.get(section) is not None:
-            base[section] = _deep_merge(base[section], raw[section])
+        if raw.get(section) is not None:  # a copy: --set must not write through YAML aliases into variants
+            base[section] = _deep_merge(base[section], copy.deepcopy(raw[section]))
     for dotted, value in overrides.items():
         set_dotted(base, dotted, value)
     variants = [Variant(BASELINE, "the paper's baseline", {}, parse(ExperimentConfig, base))]
@@ -230,12 +269,20 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
                           "supported in one study (split it into several)")
     for vname, spec in raw_variants.items():
         variants.append(_variant(vname, spec, base))
+    _refuse_same_names(variants)
     _refuse_identical(variants)
     return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source)
 
 
+def check_name(name: Any, where: str = "") -> str:
+    """A study name, which names folders and the MLflow experiment: NAME_RULE, so never '.' or '..'."""
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
+        raise ConfigError(f"{where}{short(name)} is not a study name; use {NAME_HELP} (e.g. paper11)")
+    return name
+
+
 def _variant(name: Any, spec: Any, base: dict) -> Variant:
-    where = f"variants.{short(name) if not isinstance(name, str) else name[:64]}"
+    where = f"variants.{key_text(name)}"
     if not isinstance(name, (str, int)) or isinstance(name, bool) or not NAME_RULE.fullmatch(str(name)):
         raise ConfigError(f"{where}: not a variant name; use {NAME_HELP}")
     name = str(name)
@@ -245,10 +292,11 @@ def _variant(name: Any, spec: Any, base: dict) -> Variant:
         raise ConfigError(f"{where}: expected {{description: ..., set: {{dotted.path: value}}}}")
     for key in spec:
         if key not in VARIANT_KEYS:
-            raise ConfigError(f"{where}.{short(key)}: unknown key{did_you_mean(str(key), VARIANT_KEYS)}")
+            raise ConfigError(f"{where}.{key_text(key)}: unknown key{did_you_mean(str(key), VARIANT_KEYS)}")
     resolved = copy.deepcopy(base)
     for dotted, value in spec["set"].items():
         set_dotted(resolved, dotted, value, prefix=f"{where}.")
+    _refuse_overlaps(list(spec["set"]), f"{where}.set")
     config = parse(ExperimentConfig, resolved, where)
     return Variant(name, _text(spec.get("description", ""), f"{where}.description"), dict(spec["set"]), config)
 
@@ -257,6 +305,15 @@ def _text(value: Any, where: str) -> str:
     if not isinstance(value, (str, int, float)) or isinstance(value, bool):
         raise ConfigError(f"{where}: expected text, got {short(value)}")
     return str(value).strip()
+
+
+def _refuse_same_names(variants: list[Variant]) -> None:
+    """YAML reads `1:` and `'1':` as two keys; as variant names (folders, MLflow tags) they are one."""
+    seen: set[str] = set()
+    for v in variants:
+        if v.name in seen:
+            raise ConfigError(f"variants.{v.name}: two variants have this name (1 and '1'?); rename one")
+        seen.add(v.name)
 
 
 def _refuse_identical(variants: list[Variant]) -> None:
@@ -271,29 +328,44 @@ def _refuse_identical(variants: list[Variant]) -> None:
         seen[key] = v.name
 
 
+def _refuse_overlaps(paths: list[str], where: str) -> None:
+    """Two paths of one set: where one contains the other (`model.transformer` and
+    `model.transformer.depth`) are an error: the later would silently replace part of the earlier,
+    and the replaced value would be shown in tables without ever being validated."""
+    ordered = sorted(path.split(".") for path in paths)
+    for a, b in zip(ordered, ordered[1:]):
+        if b[: len(a)] == a:
+            a, b = (".".join(map(key_text, p)) for p in (a, b))
+            raise ConfigError(f"{where}: {a} and {b} overlap; set one or the other")
+
+
 def set_dotted(tree: dict, dotted: Any, value: Any, prefix: str = "") -> None:
     """Set `a.b.0.c` in nested plain data (missing keys are created: config.parse names unknown
-    ones); a list index that does not exist, or a path through a value, is an error."""
+    ones); a list index that does not exist, or a path through a value, is an error. The value is
+    copied in, so later paths never write through a YAML alias into another variant."""
     if not isinstance(dotted, str) or not dotted:
         raise ConfigError(f"{prefix}{short(dotted)}: expected a dotted path such as model.transformer.depth")
     parts = dotted.split(".")
+
+    def here(i: int) -> str:  # built only for an error: a path of 100,000 parts stays linear
+        return prefix + ".".join(key_text(p) for p in parts[:i])
+
     node: Any = tree
     for i, part in enumerate(parts):
-        here = prefix + ".".join(parts[: i + 1])
-        last = i == len(parts) - 1
-        if isinstance(node, dict):
-            if last:
-                node[part] = _deep_merge(node[part], value) if isinstance(node.get(part), dict) else value
+        if isinstance(node, list):
+            if not INDEX_RULE.fullmatch(part) or int(part) >= len(node):
+                valid = f"valid indices are 0..{len(node) - 1}" if node else "the list is empty"
+                raise ConfigError(f"{here(i + 1)}: no item {short(part)}; {valid}")
+            part = int(part)
+        elif not isinstance(node, dict):
+            raise ConfigError(f"{here(i + 1)}: {here(i)} is a value, not a mapping")
+        if i == len(parts) - 1:
+            old = node[part] if isinstance(node, list) else node.get(part)
+            node[part] = _deep_merge(old, copy.deepcopy(value)) if isinstance(old, dict) else copy.deepcopy(value)
+        elif isinstance(node, dict):
             node = node.setdefault(part, {})
-        elif isinstance(node, list):
-            if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{here}: no item {short(part)}; valid indices are 0..{len(node) - 1}")
-            if last:
-                old = node[int(part)]
-                node[int(part)] = _deep_merge(old, value) if isinstance(old, dict) else value
-            node = node[int(part)]
         else:
-            raise ConfigError(f"{here}: {prefix}{'.'.join(parts[:i])} is a value, not a mapping")
+            node = node[part]
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:
@@ -302,11 +374,9 @@ def parse_assignments(pairs: list[str]) -> dict[str, Any]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
-            raise ConfigError(f"--set {pair}: expected key=value, e.g. model.transformer.depth=3")
-        try:
-            result[key.strip()] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            raise ConfigError(f"--set {pair}: the value is not valid YAML") from None
+            raise ConfigError(f"--set {key_text(pair)}: expected key=value, e.g. model.transformer.depth=3")
+        data = value.encode("utf-8", "surrogateescape")  # argv may hold bytes that are not UTF-8
+        result[key.strip()] = load_yaml(data, f"--set {key_text(pair)}") if value.strip() else ""
     return result
 
 
