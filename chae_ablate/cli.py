@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .config import short
 from .errors import ChaeError
 
 app = typer.Typer(help="Reproducible architecture ablation studies of the CHAE classifier.",
@@ -38,16 +39,22 @@ def clean_errors(command):
     return wrapper
 
 
-def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | None):
+AdaptiveOpt = Annotated[bool, typer.Option("--adaptive", help="Add seeds only where verdicts are undecided "
+                                            "(analysis.adaptive)")]
+
+
+def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | None, adaptive: bool = False):
     from .study import load_study, parse_assignments
     overrides = parse_assignments(set_ or [])
+    if adaptive:
+        overrides["analysis.adaptive"] = True
     if epochs is not None:
         overrides["protocol.epochs"] = epochs
     if seeds is not None:
         try:
             overrides["protocol.seeds"] = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
-            raise ChaeError(f"--seeds {seeds}: expected integers separated by commas, e.g. 0,1,2") from None
+            raise ChaeError(f"--seeds {short(seeds)}: expected integers separated by commas, e.g. 0,1,2") from None
     return load_study(study, overrides)
 
 
@@ -71,7 +78,7 @@ ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cel
 @app.command()
 @clean_errors
 def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
-        storage: StorageOpt = None,
+        adaptive: AdaptiveOpt = False, storage: StorageOpt = None,
         workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = 1,
         device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
         fresh: Annotated[bool, typer.Option(help="Forget earlier results of this study")] = False,
@@ -84,7 +91,7 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
                          progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat,
                          grace_s=grace)
-    summary = run_study(_load(study, set_, epochs, seeds), options, report=report)
+    summary = run_study(_load(study, set_, epochs, seeds, adaptive), options, report=report)
     typer.echo(summary.verdicts or _cells_text(summary.cells))
     if summary.report:
         typer.echo(f"report: {summary.report}")
@@ -110,14 +117,14 @@ def _cells_text(cells) -> str:
 @app.command()
 @clean_errors
 def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
-           seeds: SeedsOpt = None, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
+           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
            compile: CompileOpt = False, progress: ProgressOpt = True, threads: ThreadsOpt = None,
            heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15) -> None:
     """Join a running study (shared --storage) and train cells until none are left."""
     from .runner import RunOptions, run_worker
     options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress, compile=compile,
                          threads=threads, heartbeat_s=heartbeat, grace_s=grace)
-    done = run_worker(_load(study, set_, epochs, seeds), options)
+    done = run_worker(_load(study, set_, epochs, seeds, adaptive), options)
     typer.echo(f"worker finished: trained {done} cell(s)")
 
 

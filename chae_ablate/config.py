@@ -195,6 +195,43 @@ class ProtocolConfig:
         return errors
 
 
+METRICS = ("best_val_loss", "test_loss", "test_acc")  # what a study may decide on
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """How the study decides (a study-level question, not a training setting: no cell hash sees it)."""
+
+    metric: str = "best_val_loss"  # best_val_loss | test_loss (lower is better) | test_acc (higher is better)
+    margin: float = 0.05  # the smallest difference that matters (a fraction of the baseline's mean if relative)
+    relative: bool = True  # margin is a fraction of the baseline's mean over its first look
+    alpha: float = 0.05  # family-wise error rate over all variants and looks
+    min_seeds: int = 3  # adaptive: seeds every variant runs in the first round
+    max_seeds: int = 10  # adaptive: the most seeds an undecided variant gets
+    step: int | None = None  # adaptive: seeds added per round (none: doubling, 3 -> 6 -> 10)
+    adaptive: bool = False  # add seeds only to undecided variants, in rounds (or: run --adaptive)
+    vary_split: bool = False  # each seed also draws its own train/val/test split
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = []
+        if self.metric not in METRICS:
+            errors.append(("metric", f"{short(self.metric)} is not one of {', '.join(METRICS)}"))
+        if not self.margin > 0:
+            errors.append(("margin", f"{self.margin} must be > 0 (the smallest difference that matters)"))
+        elif self.relative and self.margin >= 1:
+            errors.append(("margin", f"{self.margin} is a fraction of the baseline's mean (relative: true); "
+                           "use e.g. 0.05 for 5%, or set relative: false"))
+        if not 0 < self.alpha <= 0.5:
+            errors.append(("alpha", f"{self.alpha} must be in (0, 0.5], e.g. 0.05"))
+        if not 2 <= self.min_seeds <= 100:
+            errors.append(("min_seeds", f"{self.min_seeds} must be between 2 and 100 (one seed has no spread)"))
+        elif not self.min_seeds <= self.max_seeds <= 100:
+            errors.append(("max_seeds", f"{self.max_seeds} must be between min_seeds ({self.min_seeds}) and 100"))
+        if self.step is not None and not 1 <= self.step <= 100:
+            errors.append(("step", f"{self.step} must be between 1 and 100, or left out to double"))
+        return errors
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one training run depends on."""

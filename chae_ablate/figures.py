@@ -17,7 +17,7 @@ from .study import BASELINE
 
 DPI = 120
 VERDICT_COLOURS = {"baseline": "black", "better": "tab:green", "worse": "tab:red",
-                   "no significant difference": "tab:blue"}  # anything else: grey
+                   "equivalent": "tab:blue"}  # undecided, pending: grey
 
 
 def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> Path:
@@ -49,30 +49,32 @@ def _labels(summary: pd.DataFrame) -> list[str]:
     return [f"{v} (n={n})" for v, n in zip(summary["variant"], summary["n"])]
 
 
-def fig_best_val_loss(summary: pd.DataFrame, table: pd.DataFrame) -> Figure:
-    """Seeds as dots, mean with its t-interval, baseline mean and interval as a band."""
-    fig = Figure(figsize=(8, 1.6 + 0.42 * len(summary)), layout="constrained")
+def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
+    """Paired differences from the baseline with their simultaneous intervals, the ±margin band
+    and zero line; colour = verdict. Left of zero is better for a loss, right for an accuracy."""
+    rows = summary[summary["variant"] != BASELINE]
+    fig = Figure(figsize=(8, 1.8 + 0.42 * max(1, len(rows))), layout="constrained")
     ax = fig.subplots()
-    used = table[table["in_stats"]]
-    for y, r in enumerate(summary.itertuples()):
-        seeds = used.loc[used["variant"] == r.variant, "best_val_loss"]
-        ax.scatter(seeds, np.full(len(seeds), y), s=18, color=_colour(r.verdict), alpha=0.35, zorder=2)
-        err = [[r.best_val_loss_mean - r.best_val_loss_ci_low], [r.best_val_loss_ci_high - r.best_val_loss_mean]]
-        ax.errorbar(r.best_val_loss_mean, y, xerr=err if r.n >= 2 else None, fmt="D", ms=7, capsize=4,
-                    color=_colour(r.verdict), zorder=3)
-    base = summary.iloc[0]
-    if base["n"] > 0:
-        ax.axvline(base["best_val_loss_mean"], color="black", ls="--", lw=1, label="baseline mean")
-        if base["n"] >= 2:
-            ax.axvspan(base["best_val_loss_ci_low"], base["best_val_loss_ci_high"], color="black",
-                       alpha=0.08, label=f"baseline {stats.CONFIDENCE:.0%} CI")
-    for verdict in dict.fromkeys(summary["verdict"]):
-        ax.scatter([], [], marker="D", color=_colour(verdict), label=verdict)
-    ax.set_yticks(range(len(summary)), _labels(summary))
+    if np.isfinite(margin):
+        ax.axvspan(-margin, margin, color="tab:blue", alpha=0.08, label=f"±margin ({margin:.3g})")
+    ax.axvline(0, color="black", lw=1)
+    for y, r in enumerate(rows.itertuples()):
+        colour = _colour(r.verdict_code)
+        if np.isfinite(r.diff_low):
+            ax.errorbar(r.diff, y, xerr=[[r.diff - r.diff_low], [r.diff_high - r.diff]], fmt="D", ms=7,
+                        capsize=4, color=colour)
+        elif np.isfinite(r.diff):
+            ax.plot(r.diff, y, "D", ms=7, color=colour, mfc="none")
+    for verdict in dict.fromkeys(rows["verdict_code"]):
+        ax.errorbar([], [], fmt="D", color=_colour(verdict), label=verdict)
+    level = rows["level"].dropna()
+    ax.set_yticks(range(len(rows)), [f"{v} (n={n:.0f})" for v, n in zip(rows["variant"], rows["n_pairs"].fillna(0))])
     ax.invert_yaxis()
-    ax.set_xlabel("lowest validation loss (lower is better)")
-    ax.set_title(f"Best validation loss per variant: mean, {stats.CONFIDENCE:.0%} t-interval, dots = seeds")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+    metric = summary["metric"].iloc[0]
+    ax.set_xlabel(f"{metric}: variant − baseline (same seed)")
+    ax.set_title(f"Paired differences, {100 * level.iloc[0]:.2f}% simultaneous intervals" if len(level)
+                 else "Paired differences (no interval: fewer than 2 paired seeds)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, frameon=False)
     return fig
 
 
@@ -83,7 +85,7 @@ def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame)
     ax = fig.subplots()
     runs = set(table.loc[table["in_stats"], "run_id"])
     ep = epochs[epochs["run_id"].isin(runs)] if not epochs.empty else epochs
-    palette = iter(sns.color_palette("husl", max(1, len(summary) - 1)))
+    palette = iter(sns.color_palette("husl", max(1, len(summary))))
     for r in summary.itertuples():
         is_base = r.variant == BASELINE
         colour = "black" if is_base else next(palette)
@@ -108,40 +110,39 @@ def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame)
 
 
 def fig_cost(summary: pd.DataFrame) -> Figure:
-    """Parameters (and MFLOPs per image, when logged) against best validation loss."""
+    """Parameters (and MFLOPs per image, when logged) against the study's metric."""
     axes_for = [("n_params", "parameters (thousands)", 1e-3), ("mflops", "MFLOPs per image", 1.0)]
     axes_for = [a for a in axes_for if summary[a[0]].notna().any()] or axes_for[:1]
     fig = Figure(figsize=(6 * len(axes_for), 5), layout="constrained")
     axs = np.atleast_1d(fig.subplots(1, len(axes_for), sharey=True))
     s = summary[summary["n"] > 0]
+    metric = summary["metric"].iloc[0]
     for ax, (col, label, scale) in zip(axs, axes_for):
         for r in s.itertuples():
             x = getattr(r, col) * scale
-            err = [[r.best_val_loss_mean - r.best_val_loss_ci_low], [r.best_val_loss_ci_high - r.best_val_loss_mean]]
-            ax.errorbar(x, r.best_val_loss_mean, yerr=err if r.n >= 2 else None, fmt="o", capsize=3,
-                        color=_colour(r.verdict), ms=8 if r.variant == BASELINE else 6)
-            ax.annotate(r.variant, (x, r.best_val_loss_mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
+            err = [[r.mean - r.ci_low], [r.ci_high - r.mean]] if r.n >= 2 else None
+            ax.errorbar(x, r.mean, yerr=err, fmt="o", capsize=3, color=_colour(r.verdict_code),
+                        ms=8 if r.variant == BASELINE else 6)
+            ax.annotate(r.variant, (x, r.mean), xytext=(5, 4), textcoords="offset points", fontsize=8)
         if len(s) and s.iloc[0]["variant"] == BASELINE:
-            ax.axhline(s.iloc[0]["best_val_loss_mean"], color="black", ls="--", lw=1)
+            ax.axhline(s.iloc[0]["mean"], color="black", ls="--", lw=1)
         ax.set_xlabel(label)
-        ax.set_title(f"{label.split(' (')[0]} vs best validation loss")
-    axs[0].set_ylabel(f"lowest validation loss (mean, {stats.CONFIDENCE:.0%} CI)")
+        ax.set_title(f"{label.split(' (')[0]} vs {metric}")
+    axs[0].set_ylabel(f"{metric} (mean, {stats.CONFIDENCE:.0%} t-interval)")
     return fig
 
 
-FIGURES = ("figures/best_val_loss.png", "figures/val_loss_curves.png", "figures/params_vs_loss.png")
-
-
 def write_report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame,
-                         out_dir: Path) -> list[tuple[str, str]]:
+                         out_dir: Path, margin: float) -> list[tuple[str, str]]:
     """The report's three figures under out_dir/figures; returns (relative path, caption) pairs."""
     with sns.axes_style("whitegrid"):
-        figures = [("best_val_loss.png", fig_best_val_loss(summary, table),
-                    "Lowest validation loss per variant; baseline mean dashed, its interval shaded."),
+        figures = [("differences.png", fig_forest(summary, margin),
+                    "Difference from the baseline per variant with the interval its verdict was read from; "
+                    "shaded: ±margin. Colour: verdict."),
                    ("val_loss_curves.png", fig_curves(summary, table, epochs),
                     "Validation loss per epoch, mean over seeds ± 1 sd; baseline in black."),
-                   ("params_vs_loss.png", fig_cost(summary),
-                    "Model size and compute against lowest validation loss; dashed line = baseline.")]
+                   ("params_vs_metric.png", fig_cost(summary),
+                    "Model size and compute against the study's metric; dashed line = baseline.")]
     (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     for name, fig, _ in figures:
         fig.savefig(out_dir / "figures" / name, dpi=DPI)

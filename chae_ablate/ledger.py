@@ -24,6 +24,7 @@ from sqlalchemy.engine import URL, make_url
 
 from .errors import ChaeError
 from .files import file_lock
+from .metrics import SUMMARY_METRICS
 from .study import Cell
 
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
@@ -95,9 +96,16 @@ class CellState:
     seed: int
     cell_hash: str
     state: str  # COMPLETE | RUNNING | WAITING | FAIL | MISSING
-    best_val_loss: float | None
-    test_acc: float | None
+    metrics: dict[str, float]  # the summary metrics of a COMPLETE cell, else {}
     failure_reason: str
+
+    @property
+    def best_val_loss(self) -> float | None:
+        return self.metrics.get("best_val_loss")
+
+    @property
+    def test_acc(self) -> float | None:
+        return self.metrics.get("test_acc")
 
 
 class Ledger:
@@ -136,10 +144,12 @@ class Ledger:
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
 
-    def queue(self, cells: list[Cell]) -> int:
-        """Enqueue every cell that is neither finished, queued nor running; returns how many."""
+    def queue(self, cells: list[Cell], retry_failed: bool = True) -> int:
+        """Enqueue every cell that is neither finished, queued nor running (nor failed, unless
+        retry_failed: a rerun retries failed cells, a running study does not); returns how many."""
         fail_stale_trials(self.study)  # dead workers' cells go back to the queue
-        covered = {t.user_attrs.get("cell_hash") for t in self.trials() if t.state in (TrialState.COMPLETE, *ACTIVE)}
+        done = (TrialState.COMPLETE, *ACTIVE) + (() if retry_failed else (TrialState.FAIL,))
+        covered = {t.user_attrs.get("cell_hash") for t in self.trials() if t.state in done}
         missing = [c for c in cells if c.hash not in covered]
         for cell in missing:
             self.study.enqueue_trial({}, user_attrs={"variant": cell.variant.name, "seed": cell.seed,
@@ -172,27 +182,34 @@ class Ledger:
                 return True
         return False
 
-    def progress(self, hashes: set[str]) -> tuple[int, int]:
-        """(cells finished, cells whose latest attempt failed) among `hashes`, over all workers."""
-        trials = [t for t in self.trials() if t.user_attrs.get("cell_hash") in hashes]
-        done = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.COMPLETE}
-        failed = {t.user_attrs["cell_hash"] for t in trials if t.state == TrialState.FAIL} - done
-        return len(done), len(failed)
+    def progress(self, hashes: set[str]) -> tuple[int, int, int]:
+        """(cells finished, cells whose latest attempt failed, cells queued so far) among `hashes`,
+        over all workers."""
+        states = [t.state for h, t in self._current_trials().items() if h in hashes]
+        return states.count(TrialState.COMPLETE), states.count(TrialState.FAIL), len(states)
 
-    def cell_states(self, cells: list[Cell]) -> list[CellState]:
-        """One row per cell: its finished trial if any, else its latest attempt, else MISSING."""
+    def _current_trials(self) -> dict[str, FrozenTrial]:
+        """Per cell hash, the trial that says where the cell stands: its finished trial if any, else
+        a queued or running one, else its latest failed attempt (so a racing worker's duplicate,
+        failed at once, never hides a live trial)."""
+        rank = {TrialState.COMPLETE: 3, TrialState.RUNNING: 2, TrialState.WAITING: 2}
         by_hash: dict[str, FrozenTrial] = {}
         for t in self.trials():
             h = t.user_attrs.get("cell_hash")
-            if h and (h not in by_hash or by_hash[h].state != TrialState.COMPLETE):
+            if h and (h not in by_hash or rank.get(t.state, 1) >= rank.get(by_hash[h].state, 1)):
                 by_hash[h] = t
+        return by_hash
+
+    def cell_states(self, cells: list[Cell]) -> list[CellState]:
+        """One row per cell, from its current trial (see _current_trials), else MISSING."""
+        by_hash = self._current_trials()
         rows = []
         for cell in cells:
             t = by_hash.get(cell.hash)
             done = t is not None and t.state == TrialState.COMPLETE
+            metrics = {k: float(t.user_attrs[k]) for k in SUMMARY_METRICS if k in t.user_attrs} if done else {}
             rows.append(CellState(cell.variant.name, cell.seed, cell.hash, t.state.name if t else "MISSING",
-                                  t.value if done else None, t.user_attrs.get("test_acc") if t else None,
-                                  t.user_attrs.get("failure_reason", "") if t else ""))
+                                  metrics, t.user_attrs.get("failure_reason", "") if t else ""))
         return rows
 
     def delete(self) -> None:

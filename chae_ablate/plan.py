@@ -59,12 +59,17 @@ def plan_table(study: Study) -> tuple[pd.DataFrame, str]:
             "tokens": m.tokens,
             "params": costs[m][0],
             "MFLOPs/img": costs[m][1],
-            "seeds": len(v.config.protocol.seeds),
+            "seeds": len(study.seeds(v)),
         })
     table = pd.DataFrame(rows)
-    cells = int(table["seeds"].sum())
-    footer = (f"{len(rows)} variants x seeds = {cells} cells, "
-              f"{study.baseline.config.protocol.epochs} epochs each; classes: {num_classes} ({origin})")
+    a = study.analysis
+    if a.adaptive:
+        table["seeds"] = f"{a.min_seeds}-{a.max_seeds}"
+        count = f"{a.min_seeds * len(rows)} to {a.max_seeds * len(rows)} cells (adaptive seeds)"
+    else:
+        count = f"{int(table['seeds'].sum())} cells"
+    footer = (f"{len(rows)} variants x seeds = {count}, {study.baseline.config.protocol.epochs} epochs each; "
+              f"classes: {num_classes} ({origin})")
     return table, footer
 
 

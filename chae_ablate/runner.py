@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import tracking
+from .analysis import analyse
 from .config import DataConfig
 from .data import Dataset, load_dataset
 from .errors import ChaeError
@@ -89,7 +90,7 @@ class StudySession:
 
 def open_session(study: Study, options: RunOptions, data: LoadedData | None = None) -> StudySession:
     ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
-    return StudySession(ledger, tracking.StudyLog(study.name, study.cells(), options.runs_dir),
+    return StudySession(ledger, tracking.StudyLog(study, options.runs_dir),
                         data or LoadedData(options.runs_dir, options.bars))
 
 
@@ -110,10 +111,12 @@ class Worker:
         while True:
             claim = retrying(ledger.claim)
             if claim is None:
-                if not retrying(ledger.others_active):
-                    return done
-                time.sleep(poll_s)  # others are running: wait, in case one of them dies
-                continue
+                if retrying(ledger.others_active):
+                    time.sleep(poll_s)  # others are running: wait, in case one of them dies
+                    continue
+                if retrying(ledger.queue, needed_cells(self.study, ledger), retry_failed=False):
+                    continue  # an adaptive study's next look needs more seeds
+                return done
             cell = self.cells.get(claim.cell_hash)
             if cell is None or ledger.is_duplicate(claim):
                 claim.fail("duplicate or unknown cell; skipped")
@@ -196,9 +199,25 @@ def start_study(study: Study, options: RunOptions) -> StudySession:
     if options.fresh:
         _forget(study, options)
     session = open_session(study, options, data)
-    session.log.record_expected_cells(study.cells())
-    session.ledger.queue(study.cells())
+    session.log.record_plan(study)
+    session.ledger.queue(needed_cells(study, session.ledger))  # failed cells of earlier runs retried
     return session
+
+
+def needed_cells(study: Study, ledger: Ledger) -> list[Cell]:
+    """The cells the study needs now: all of a fixed study; for an adaptive one, the rounds its
+    looks have reached (analysis.analyse replays them from the ledger's finished cells)."""
+    cells = {(c.variant.name, c.seed): c for c in study.cells()}
+    states = ledger.cell_states(list(cells.values()))
+    metric = study.analysis.metric
+    values: dict[str, dict[int, float]] = {}
+    for c in states:
+        if c.state == "COMPLETE" and c.metrics.get(metric) is not None:
+            values.setdefault(c.variant, {})[c.seed] = c.metrics[metric]
+    settled = {(c.variant, c.seed) for c in states if c.state in ("COMPLETE", "FAIL")}
+    outcome = analyse(values, lambda v, s: (v, s) in settled, [v.name for v in study.variants],
+                      {v.name: study.seeds(v) for v in study.variants}, study.analysis)
+    return [cells[(v, s)] for v, seeds in outcome.seeds.items() for s in seeds]
 
 
 def _forget(study: Study, options: RunOptions) -> None:
@@ -212,19 +231,19 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     """Train every unfinished cell of the study, then write its report (unless report=False)."""
     device = pick_device(options.device)
     session = start_study(study, options)
-    total = len(study.cells())
     try:
         if options.workers <= 1:
             _set_threads(options, 1)
-            with StudyProgress(session.ledger, study, total, options.progress) as bar:
+            with StudyProgress(session.ledger, study, options.progress) as bar:
                 Worker(study, options, device, session).run(on_cell_done=bar.cell_done)
         else:
-            _run_children(study, options, session.ledger, total)
+            _run_children(study, options, session.ledger)
     except BaseException:
         session.log.finish("FAILED")  # never leave the study's parent run RUNNING
         raise
     session.log.finish()
-    summary = RunSummary(study.name, session.ledger.cell_states(study.cells()), link=tracking.experiment_link(study.name))
+    summary = RunSummary(study.name, session.ledger.cell_states(needed_cells(study, session.ledger)),
+                         link=tracking.experiment_link(study.name))
     if report:
         from .report import summary_table_text, write_report
         summary.report = write_report(study.name)
@@ -232,13 +251,13 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     return summary
 
 
-def _run_children(study: Study, options: RunOptions, ledger: Ledger, total: int) -> None:
+def _run_children(study: Study, options: RunOptions, ledger: Ledger) -> None:
     context = multiprocessing.get_context("spawn")
     children = [context.Process(target=_child_main, args=(study, options, i), daemon=False)
                 for i in range(options.workers)]
     for child in children:
         child.start()
-    with StudyProgress(ledger, study, total, options.progress) as bar:
+    with StudyProgress(ledger, study, options.progress) as bar:
         while any(child.is_alive() for child in children):
             time.sleep(2)
             bar.refresh()
@@ -265,8 +284,8 @@ def run_worker(study: Study, options: RunOptions) -> int:
     tracking.check_tracking_server()
     _set_threads(options, 1)
     session = open_session(study, options)
-    session.ledger.queue(study.cells())
-    with StudyProgress(session.ledger, study, len(study.cells()), options.progress) as bar:
+    session.ledger.queue(needed_cells(study, session.ledger))
+    with StudyProgress(session.ledger, study, options.progress) as bar:
         return Worker(study, options, pick_device(options.device), session).run(on_cell_done=bar.cell_done)
 
 
@@ -278,11 +297,11 @@ class StudyProgress:
     """cells done / total, failures, ETA — read from the ledger, so it counts every worker's cells.
     On a terminal a bar; otherwise (a log file, SLURM, CI) one line per finished cell."""
 
-    def __init__(self, ledger: Ledger, study: Study, total: int, enabled: bool):
-        self.ledger, self.hashes, self.total = ledger, {c.hash for c in study.cells()}, total
+    def __init__(self, ledger: Ledger, study: Study, enabled: bool):
+        self.ledger, self.hashes = ledger, {c.hash for c in study.cells()}
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled = enabled
-        self.bar = tqdm(total=total, desc=f"study {study.name}", unit="cell", disable=not self.interactive,
+        self.bar = tqdm(total=1, desc=f"study {study.name}", unit="cell", disable=not self.interactive,
                         dynamic_ncols=True)
 
     def __enter__(self) -> StudyProgress:
@@ -299,10 +318,13 @@ class StudyProgress:
     def cell_done(self, cell: Cell, outcome: str) -> None:
         done, failed = self.refresh()
         if self.enabled and not self.interactive:
-            print(f"[{done}/{self.total} done, {failed} failed] {cell.label}: {outcome}", file=sys.stderr, flush=True)
+            print(f"[{done}/{self.bar.total} done, {failed} failed] {cell.label}: {outcome}", file=sys.stderr,
+                  flush=True)
 
     def refresh(self) -> tuple[int, int]:
-        done, failed = self.ledger.progress(self.hashes)
+        """Counts from the ledger; an adaptive study's total grows as its looks add seeds."""
+        done, failed, queued = self.ledger.progress(self.hashes)
+        self.bar.total = max(queued, 1)
         self.bar.n = done
         self.bar.set_postfix(failed=failed, refresh=False)
         self.bar.refresh()

@@ -10,20 +10,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import ExperimentConfig, did_you_mean, key_text, parse, short, to_dict
+from .config import AnalysisConfig, ExperimentConfig, did_you_mean, key_text, parse, short, to_dict
 from .errors import ConfigError
 
 BASELINE = "baseline"
-STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "variants")
+STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "analysis", "variants")
 VARIANT_KEYS = ("description", "set")
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 INDEX_RULE = re.compile(r"0|[1-9][0-9]{0,5}")  # one spelling per list item: not 00, not '²'
@@ -46,11 +48,8 @@ class Variant:
 class Cell:
     variant: Variant
     seed: int
+    config: ExperimentConfig  # the variant's config, with this seed's split when the split varies
     hash: str  # content hash of the resolved config and seed
-
-    @property
-    def config(self) -> ExperimentConfig:
-        return self.variant.config
 
     @property
     def label(self) -> str:
@@ -63,15 +62,37 @@ class Study:
     description: str
     variants: tuple[Variant, ...]  # the baseline first
     source: Path | None = None  # the YAML file it came from
+    analysis: AnalysisConfig = AnalysisConfig()  # how the study decides; see analysis.py
 
     @property
     def baseline(self) -> Variant:
         return self.variants[0]
 
+    def seeds(self, variant: Variant) -> list[int]:
+        """The seeds a variant may use, in draw order: its protocol.seeds, or for an adaptive study
+        the baseline's protocol.seeds extended with the next unused integers to max_seeds."""
+        if self.analysis.adaptive:
+            return seed_sequence(self.baseline.config.protocol.seeds, self.analysis.max_seeds)
+        return list(variant.config.protocol.seeds)
+
     def cells(self) -> list[Cell]:
-        """Every (variant, seed) pair, baseline first, in a stable order."""
-        return [Cell(v, seed, cell_hash(v.config, seed))
-                for v in self.variants for seed in v.config.protocol.seeds]
+        """Every cell the study may run (an adaptive study runs only some), baseline first, in a
+        stable order."""
+        out = []
+        for v in self.variants:
+            for seed in self.seeds(v):
+                config = v.config
+                if self.analysis.vary_split:  # the seed draws the split too
+                    config = replace(config, data=replace(config.data, split_seed=seed))
+                out.append(Cell(v, seed, config, cell_hash(config, seed)))
+        return out
+
+
+def seed_sequence(first: Sequence[int], length: int) -> list[int]:
+    """`first`, then the smallest unused non-negative integers, `length` seeds in all."""
+    out = list(dict.fromkeys(first))[:length]
+    out += list(itertools.islice((s for s in itertools.count() if s not in out), length - len(out)))
+    return out
 
 
 def config_key(config: ExperimentConfig) -> dict:
@@ -258,8 +279,12 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
     for section in ("data", "model", "protocol"):
         if raw.get(section) is not None:  # a copy: --set must not write through YAML aliases into variants
             base[section] = _deep_merge(base[section], copy.deepcopy(raw[section]))
+    analysis = copy.deepcopy(raw.get("analysis") or {})
     for dotted, value in overrides.items():
-        set_dotted(base, dotted, value)
+        if isinstance(dotted, str) and dotted.startswith("analysis."):
+            set_dotted(analysis, dotted.removeprefix("analysis."), value, prefix="analysis.")
+        else:
+            set_dotted(base, dotted, value)
     variants = [Variant(BASELINE, "the paper's baseline", {}, parse(ExperimentConfig, base))]
     raw_variants = raw.get("variants") or {}
     if not isinstance(raw_variants, dict):
@@ -271,7 +296,18 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
         variants.append(_variant(vname, spec, base))
     _refuse_same_names(variants)
     _refuse_identical(variants)
-    return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source)
+    analysis_config = parse(AnalysisConfig, analysis, "analysis")
+    if analysis_config.adaptive:
+        _refuse_own_seeds(variants)
+    return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source, analysis_config)
+
+
+def _refuse_own_seeds(variants: list[Variant]) -> None:
+    """An adaptive study draws every variant's seeds from one sequence, so that they pair."""
+    for v in variants[1:]:
+        if v.config.protocol.seeds != variants[0].config.protocol.seeds:
+            raise ConfigError(f"variants.{v.name}.protocol.seeds: cannot differ from the baseline's in an adaptive "
+                              "study (analysis.adaptive draws every variant's seeds from one sequence)")
 
 
 def check_name(name: Any, where: str = "") -> str:

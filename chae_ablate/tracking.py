@@ -24,7 +24,7 @@ from .errors import ChaeError
 from .files import file_lock
 from .metrics import EPOCH_METRICS, SUMMARY_METRICS
 from .provenance import git_state
-from .study import Cell
+from .study import Cell, Study
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "chae.role"
@@ -118,10 +118,13 @@ def cell_params(cell: Cell) -> dict[str, str]:
     return flatten({**to_dict(cell.config), "seed": cell.seed})
 
 
-def expected_cells(cells: list[Cell]) -> list[dict]:
-    """The rows of plan.json: every cell the study expects, so a report lists cells that never ran."""
-    return [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
-             "description": c.variant.description} for c in cells]
+def study_plan(study: Study) -> dict:
+    """plan.json: every cell the study may run (so a report lists cells that never ran), the
+    analysis settings and each variant's seeds in draw order (so the report replays the looks)."""
+    return {"cells": [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
+                       "description": c.variant.description} for c in study.cells()],
+            "analysis": to_dict(study.analysis),
+            "seeds": {v.name: list(study.seeds(v)) for v in study.variants}}
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -137,11 +140,11 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
 class StudyLog:
     """The MLflow experiment and parent run of one study."""
 
-    def __init__(self, study_name: str, cells: list[Cell], artifact_root: Path):
+    def __init__(self, study: Study, artifact_root: Path):
         self.client = _client()
-        self.study_name = study_name
+        self.study_name = study.name
         self.experiment_id = self._experiment(artifact_root)
-        self.parent_id = self._parent_run(expected_cells(cells))
+        self.parent_id = self._parent_run(study_plan(study))
 
     def _experiment(self, artifact_root: Path) -> str:
         exp = self.client.get_experiment_by_name(self.study_name)
@@ -158,14 +161,14 @@ class StudyLog:
         except Exception:  # another worker created it first
             return self.client.get_experiment_by_name(self.study_name).experiment_id
 
-    def _parent_run(self, cells: list[dict]) -> str:
+    def _parent_run(self, plan: dict) -> str:
         """The study's one parent run. Workers that start together may each create one: after a
         pause every creator sees them all, the same one wins (oldest, then lowest id), losers delete theirs."""
         found = self._parents()
         if not found:
             mine = self.client.create_run(self.experiment_id, run_name=self.study_name,
                                           tags={ROLE: "study", **source_tags()}).info.run_id
-            self.client.log_dict(mine, {"cells": cells}, "plan.json")
+            self.client.log_dict(mine, plan, "plan.json")
             time.sleep(PARENT_SETTLE_S)  # lets a racing worker's parent become visible
             found = self._parents()
             if found[0].info.run_id != mine:
@@ -175,9 +178,9 @@ class StudyLog:
     def _parents(self) -> list:
         return _parent_runs(self.client, self.experiment_id)
 
-    def record_expected_cells(self, cells: list[Cell]) -> None:
-        """Rewrite plan.json when the study's cells changed since the parent run was created."""
-        self.client.log_dict(self.parent_id, {"cells": expected_cells(cells)}, "plan.json")
+    def record_plan(self, study: Study) -> None:
+        """Rewrite plan.json: the study file may have changed since the parent run was created."""
+        self.client.log_dict(self.parent_id, study_plan(study), "plan.json")
 
     def cell_run(self, cell: Cell, device: str, start_epoch: int) -> "CellRun":
         """The cell's run: the interrupted one continued when its history fits `start_epoch`, else new."""
@@ -311,27 +314,43 @@ def _epoch_rows(client, run) -> list[dict[str, Any]]:
             for step, values in sorted(by_epoch.items())]
 
 
-def _expected_cells(client, experiment_id: str) -> list[dict]:
+def _expected_cells(client, experiment_id: str) -> dict:
+    """The parent run's plan.json ({} when there is none: the report then shows what ran)."""
     parents = _parent_runs(client, experiment_id)
     if not parents:
-        return []
+        return {}
     with tempfile.TemporaryDirectory() as tmp:
         try:
             path = client.download_artifacts(parents[0].info.run_id, "plan.json", tmp)
         except Exception:  # an older parent without a plan: report what ran
-            return []
-        return json.loads(Path(path).read_text())["cells"]
+            return {}
+        return json.loads(Path(path).read_text())
 
 
-def log_report_artifacts(study_name: str, report_dir: Path, files: list[Path]) -> None:
+def log_report(study_name: str, report_dir: Path, files: list[Path], summary: pd.DataFrame) -> None:
     """The report's files become artifacts of the study's parent run, under report/ (only the files
-    the report wrote: never a whole folder, which might hold anything)."""
+    the report wrote: never a whole folder, which might hold anything), and each variant's verdict
+    and interval become tags and metrics of that run, so `mlflow ui` shows them."""
     client = _client()
     exp = client.get_experiment_by_name(study_name)
     parents = exp and _parent_runs(client, exp.experiment_id)
-    for path in files if parents else []:
+    if not parents:
+        return
+    parent = parents[0].info.run_id
+    for path in files:
         folder = Path("report", Path(path).relative_to(report_dir).parent).as_posix().rstrip("/.")
-        client.log_artifact(parents[0].info.run_id, str(path), folder)
+        client.log_artifact(parent, str(path), folder)
+    Metric, _ = _entities()
+    from mlflow.entities import RunTag
+    now, metrics, tags = int(time.time() * 1000), [], []
+    for r in summary[summary["variant"] != "baseline"].itertuples():
+        tags.append(RunTag(f"verdict.{r.variant}", str(r.verdict)[:5000]))
+        for key in ("diff", "diff_low", "diff_high", "n_pairs"):
+            value = float(getattr(r, key))
+            if value == value:  # MLflow stores NaN, but a missing metric reads better than NaN
+                metrics.append(Metric(f"{key}.{r.variant}", value, now, 0))
+    for i in range(0, max(len(metrics), len(tags)), 100):
+        client.log_batch(parent, metrics=metrics[i:i + 100], tags=tags[i:i + 100])
 
 
 def experiment_link(study_name: str) -> str | None:

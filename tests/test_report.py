@@ -1,5 +1,6 @@
-"""The comparison report: exact statistics against scipy, honest single-seed wording,
-partial studies, and one end-to-end run through a real MLflow store."""
+"""The comparison report: every interval, p-value and verdict against scipy and statsmodels, the
+claim's wording, adaptive and partial studies, real figures, and one end-to-end run through a real
+MLflow store."""
 from __future__ import annotations
 
 import base64
@@ -11,33 +12,43 @@ import pandas as pd
 import pytest
 from PIL import Image
 from scipy import stats as sps
-from statsmodels.stats.multitest import multipletests
 from statsmodels.stats.power import TTestPower
+from statsmodels.stats.weightstats import ttost_paired
 
-from chae_ablate import report, stats, tracking
+from chae_ablate import report, tracking
+from chae_ablate.config import AnalysisConfig
 from chae_ablate.errors import ChaeError
 
 N_EPOCHS = 5
-KNOWN = {  # variant -> {seed: lowest validation loss}
-    "baseline": {0: 0.50, 1: 0.52, 2: 0.51},
-    "better": {0: 0.40, 1: 0.425, 2: 0.41},
-    "worse": {0: 0.70, 1: 0.71, 2: 0.73},
-    "same": {0: 0.51, 1: 0.50, 2: 0.53},
-    "welch": {5: 0.52, 6: 0.55},  # no seed shared with the baseline
+ALPHA = 0.05
+SEEDS = [0, 1, 2, 3, 4, 5]
+BASE = dict(zip(SEEDS, [0.50, 0.53, 0.47, 0.52, 0.49, 0.51]))  # spread wider than most differences:
+DIFFS = {  # variant -> paired difference from the baseline, per seed   # only pairing decides these
+    "better": [-0.10, -0.12, -0.09, -0.11, -0.10, -0.08],  # beyond any margin below 0
+    "worse": [0.20, 0.22, 0.18, 0.21, 0.19, 0.20],
+    "same": [0.002, -0.002, 0.001, -0.001, 0.0, 0.0],  # mean 0, tiny spread: equivalent
+    "noisy": [0.06, -0.05, 0.04, -0.07, 0.05, -0.02],  # interval straddles 0 and the margin
+    "slightly": [-0.010, -0.012, -0.009, -0.011, -0.010, -0.008],  # below 0, inside the margin
 }
+KNOWN = {"baseline": BASE, **{v: {s: BASE[s] + d for s, d in zip(SEEDS, ds)} for v, ds in DIFFS.items()}}
+LABELS = {"baseline": "baseline", "better": "better", "worse": "worse", "same": "equivalent",
+          "noisy": "undecided", "slightly": "better (less than the margin)"}
 
 
 def make_study(losses: dict[str, dict[int, float]], failed: dict[tuple[str, int], str] | None = None,
-               missing: list[tuple[str, int]] = ()) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """(cells, epochs, plan) as tracking.load_study_runs returns them. Failed cells keep
-    their place in the plan with NaN metrics; missing ones are planned but absent."""
+               missing: list[tuple[str, int]] = (), analysis: dict | None = None,
+               seeds: dict[str, list[int]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """(cells, epochs, plan) as tracking.load_study_runs returns them. Failed cells keep their place
+    in the plan with NaN metrics; missing ones, and seeds listed in `seeds` without a value, are
+    planned but absent."""
     failed = failed or {}
-    keys = [(v, s) for v, seeds in losses.items() for s in seeds] + list(failed) + list(missing)
-    plan = [{"variant": v, "seed": s, "cell_hash": f"h-{v}-{s}", "description": f"change {v}"} for v, s in keys]
+    logged = [(v, s) for v, by_seed in losses.items() for s in by_seed] + list(failed)
+    planned = list(dict.fromkeys(logged + list(missing) + [(v, s) for v, ss in (seeds or {}).items() for s in ss]))
+    plan_cells = [{"variant": v, "seed": s, "cell_hash": f"h-{v}-{s}", "description": f"change {v}"}
+                  for v, s in planned]
+    plan = {"cells": plan_cells, "analysis": analysis or {}, "seeds": seeds or {}}
     cells, epochs = [], []
-    for i, (v, s) in enumerate(keys):
-        if (v, s) in missing:
-            continue
+    for i, (v, s) in enumerate(logged):
         loss = losses.get(v, {}).get(s, math.nan)
         metrics = {"best_val_loss": loss, "best_epoch": 4, "val_acc_at_best": 0.8 - loss / 10,
                    "test_loss": loss + 0.02, "test_acc": 0.85 - loss / 10, "n_params": 400_000 + 1000 * len(v),
@@ -54,60 +65,79 @@ def make_study(losses: dict[str, dict[int, float]], failed: dict[tuple[str, int]
     return pd.DataFrame(cells), pd.DataFrame(epochs), plan
 
 
+def read_csvs(out) -> tuple[pd.DataFrame, pd.DataFrame]:
+    return pd.read_csv(out / "summary.csv").set_index("variant"), pd.read_csv(out / "results.csv")
+
+
+def paired(variant: str, losses=KNOWN, seeds=SEEDS) -> tuple[np.ndarray, np.ndarray]:
+    """(variant, baseline) values on the given seeds, straight from the inputs."""
+    return (np.array([losses[variant][s] for s in seeds]), np.array([losses["baseline"][s] for s in seeds]))
+
+
 @pytest.fixture(scope="module")
 def known_report(tmp_path_factory):
+    """A fixed-design study with the default analysis (relative margin 5%, alpha 0.05)."""
     out = tmp_path_factory.mktemp("known")
-    md = report.build_report("known", *make_study(KNOWN), out)
-    return md, pd.read_csv(out / "summary.csv").set_index("variant"), pd.read_csv(out / "results.csv")
+    md, summary, written = report.build_report("known", *make_study(KNOWN), out)
+    assert summary.columns.tolist() == pd.read_csv(out / "summary.csv").columns.tolist()
+    return md, *read_csvs(out), written
 
 
-def test_summary_matches_scipy(known_report):
-    _, summary, _ = known_report
-    base = np.array(list(KNOWN["baseline"].values()))
-    for variant, seeds in KNOWN.items():
-        x, row = np.array(list(seeds.values())), summary.loc[variant]
-        half = sps.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x))
-        assert row["n"] == len(x)
-        assert row["best_val_loss_mean"] == pytest.approx(x.mean(), abs=1e-12)
-        assert row["best_val_loss_std"] == pytest.approx(x.std(ddof=1), abs=1e-12)
-        ci = (row["best_val_loss_ci_low"], row["best_val_loss_ci_high"])
-        assert ci == pytest.approx((x.mean() - half, x.mean() + half))
-    p = {}
-    for variant in ["better", "worse", "same"]:
-        d = np.array(list(KNOWN[variant].values())) - base
-        half = sps.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
-        row = summary.loc[variant]
-        assert row["test"] == "paired t" and row["n_pairs"] == 3
-        assert row["diff_vs_baseline"] == pytest.approx(d.mean())
-        assert (row["diff_ci_low"], row["diff_ci_high"]) == pytest.approx((d.mean() - half, d.mean() + half))
-        p[variant] = sps.ttest_rel(list(KNOWN[variant].values()), base).pvalue
-    welch = sps.ttest_ind(list(KNOWN["welch"].values()), base, equal_var=False)
-    p["welch"] = welch.pvalue
-    assert summary.loc["welch", "test"] == "Welch t" and summary.loc["welch", "n_pairs"] == 0
-    welch_mean = np.mean(list(KNOWN["welch"].values()))
-    assert summary.loc["welch", "diff_vs_baseline"] == pytest.approx(welch_mean - base.mean())
-    welch_ci = welch.confidence_interval(0.95)
-    assert (summary.loc["welch", "diff_ci_low"], summary.loc["welch", "diff_ci_high"]) == pytest.approx(
-        (welch_ci.low, welch_ci.high))
-    names = list(p)
-    holm = multipletests([p[n] for n in names], method="holm")[1]  # statsmodels, not stats.holm
-    for name, want in zip(names, holm):
-        assert summary.loc[name, "p_value"] == pytest.approx(p[name], rel=1e-9)
-        assert summary.loc[name, "p_holm"] == pytest.approx(want, rel=1e-9)
-    assert summary.loc["better", "p_holm"] == pytest.approx(4 * p["better"])  # smallest of 4: times 4
+def test_intervals_and_p_values_match_scipy_and_statsmodels(known_report):
+    _, summary, _, _ = known_report
+    m, level = len(DIFFS), 1 - ALPHA / len(DIFFS)  # m = 5 variants, K = 1 look
+    margin = 0.05 * abs(np.mean(list(BASE.values())))
+    for variant in DIFFS:
+        x, base = paired(variant)
+        row, d = summary.loc[variant], x - base
+        ci = sps.ttest_1samp(d, 0.0).confidence_interval(level)
+        assert row["level"] == pytest.approx(level, abs=1e-15)
+        assert (row["n_pairs"], row["looks"]) == (len(SEEDS), 1)
+        assert row["diff"] == pytest.approx(d.mean(), abs=1e-12)
+        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert row["p_diff_adj"] == pytest.approx(min(1.0, m * sps.ttest_rel(x, base).pvalue), rel=1e-9)
+        p_tost = ttost_paired(x, base, -margin, margin)[0]
+        assert row["p_equiv_adj"] == pytest.approx(min(1.0, 2 * m * p_tost), rel=1e-6, abs=1e-300)
+        # the difference these seeds detect with 80% power at the interval's level
+        effect = TTestPower().solve_power(nobs=len(d), alpha=1 - level, power=0.8, alternative="two-sided")
+        assert row["detectable"] == pytest.approx(effect * d.std(ddof=1), rel=1e-4)
+        wins = (d < 0).sum() + 0.5 * (d == 0).sum()
+        assert row["share_better"] == pytest.approx(wins / len(d))
+        assert row["boot_low"] <= d.mean() <= row["boot_high"]
+        # the verdict follows from the interval: below 0 better, above 0 worse, inside +-margin equivalent
+        lo, hi = ci.low, ci.high
+        within = -margin < lo and hi < margin
+        code = "better" if hi < 0 else "worse" if lo > 0 else "equivalent" if within else "undecided"
+        assert row["verdict_code"] == code
+        assert bool(row["within_margin"]) == within
     base_row = summary.loc["baseline"]
-    assert base_row[["test", "diff_vs_baseline", "diff_ci_low", "diff_ci_high", "p_value", "p_holm"]].isna().all()
-    assert summary["verdict"].to_dict() == {"baseline": "baseline", "better": "better", "worse": "worse",
-                                            "same": "no significant difference", "welch": "no significant difference"}
+    assert base_row[["n_pairs", "diff", "diff_low", "diff_high", "level", "p_diff_adj", "p_equiv_adj"]].isna().all()
+    assert summary["verdict"].to_dict() == LABELS  # the fixture covers every verdict
+
+
+def test_relative_margin_is_a_fraction_of_the_baseline_mean(known_report):
+    md, _, _, _ = known_report
+    cells, _, plan = make_study(KNOWN)
+    expected, analysis, seeds = report.study_spec(plan)
+    outcome = report.outcome_of(report.cell_table(cells, expected, analysis.metric), analysis, seeds)
+    margin = 0.05 * abs(np.mean(list(BASE.values())))
+    assert outcome.margin == pytest.approx(margin, rel=1e-12)
+    assert f"Margin: 5% of the baseline's mean over its first look = {margin:.4f}" in md.read_text()
+    assert outcome.complete and outcome.n_looks == 1
 
 
 def test_summary_metrics_are_the_seed_means(known_report):
-    """Every other per-variant column is the mean (or the architecture's value) of the inputs."""
-    _, summary, _ = known_report
+    """Every descriptive column is the seed mean (and 95% t-interval) or the architecture's value."""
+    _, summary, _, _ = known_report
     assert list(summary.index) == list(KNOWN)
-    for variant, seeds in KNOWN.items():
-        x, row = np.array(list(seeds.values())), summary.loc[variant]
-        assert row["n_planned"] == len(x)
+    for variant, by_seed in KNOWN.items():
+        x, row = np.array(list(by_seed.values())), summary.loc[variant]
+        ci = sps.ttest_1samp(x, 0.0).confidence_interval(0.95)
+        assert (row["n"], row["n_needed"], row["metric"]) == (len(x), len(x), "best_val_loss")
+        assert row["mean"] == pytest.approx(x.mean(), abs=1e-12)
+        assert row["sd"] == pytest.approx(x.std(ddof=1), abs=1e-12)
+        assert (row["ci_low"], row["ci_high"]) == pytest.approx((ci.low, ci.high), rel=1e-12)
+        assert row["best_val_loss_mean"] == pytest.approx(x.mean(), abs=1e-12)
         assert row["best_epoch_mean"] == 4
         assert row["val_acc_at_best_mean"] == pytest.approx(np.mean(0.8 - x / 10))
         assert row["test_loss_mean"] == pytest.approx(x.mean() + 0.02)
@@ -115,53 +145,81 @@ def test_summary_metrics_are_the_seed_means(known_report):
         assert (row["n_params"], row["mflops"], row["resolution"]) == (400_000 + 1000 * len(variant),
                                                                        100.0 + len(variant), 256)
         assert (row["images_per_s_mean"], row["wall_time_s_mean"]) == (500.0, 600.0)
-    assert summary["seeds_needed"].isna().all()  # every variant has 2+ seeds: no advice needed
 
 
-def test_results_csv_has_every_cell(known_report):
-    _, _, results = known_report
-    assert len(results) == sum(map(len, KNOWN.values()))
-    assert list(results["variant"].unique()) == list(KNOWN)  # study order, baseline first
-    assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, seeds in KNOWN.items() for s in seeds]
+def test_results_csv_has_every_needed_cell_with_same_seed_differences(known_report):
+    _, _, results, _ = known_report
+    assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, by_seed in KNOWN.items() for s in by_seed]
     assert (results["status"] == "FINISHED").all() and results["in_stats"].all()
     for r in results.itertuples():
-        loss, base = KNOWN[r.variant][r.seed], KNOWN["baseline"].get(r.seed, math.nan)
+        loss = KNOWN[r.variant][r.seed]
         assert r.best_val_loss == loss and r.cell_hash == f"h-{r.variant}-{r.seed}"
         assert r.test_acc == pytest.approx(0.85 - loss / 10) and r.test_loss == pytest.approx(loss + 0.02)
-        if r.variant == "welch":  # seeds 5 and 6 have no baseline cell to pair with
-            assert math.isnan(r.diff_vs_baseline)
-        else:
-            assert r.diff_vs_baseline == pytest.approx(loss - base, abs=1e-12)
+        assert r.diff_vs_baseline == pytest.approx(loss - BASE[r.seed], abs=1e-12)
     row = results[(results["variant"] == "better") & (results["seed"] == 1)].iloc[0]
-    assert row["diff_vs_baseline"] == pytest.approx(0.425 - 0.52)
+    assert row["diff_vs_baseline"] == pytest.approx(-0.12)
 
 
-def test_report_files_are_complete(known_report):
-    md, summary, _ = known_report
-    text, page = md.read_text(), (md.parent / "report.html").read_text()
-    base, better = list(KNOWN["baseline"].values()), list(KNOWN["better"].values())
-    paired = sps.ttest_rel(better, base)
-    d, ci = np.subtract(better, base), paired.confidence_interval(0.95)
-    # better has the smallest of the 4 p-values, so Holm multiplies it by 4
-    claim = (f"This study does not support it: 1 of 4 variants beat the baseline (baseline 0.510 ± 0.010, n=3): "
-             f"better {np.mean(better):.3f} (n=3, difference {d.mean():+.3f} [{ci.low:+.3f}, {ci.high:+.3f}], "
-             f"p_holm={4 * paired.pvalue:.3f}). 1 variant(s) were significantly worse: worse.")
-    assert claim in text
-    assert "14 of 14 cells are in the statistics" in text and "over 5 epochs" in text
-    assert "<table" in page and ">worse</td>" in page
-    assert 'src="figures/' not in page  # self-contained
-    pngs = sorted((md.parent / "figures").glob("*.png"))
-    assert [p.name for p in pngs] == ["best_val_loss.png", "params_vs_loss.png", "val_loss_curves.png"]
+def test_conclusion_names_contradicting_and_supporting_variants(known_report):
+    md, summary, _, _ = known_report
+    text = md.read_text()
+    x, base = paired("better")
+    ci = sps.ttest_rel(x, base).confidence_interval(1 - ALPHA / 5)
+    noisy = summary.loc["noisy", "detectable"]
+    assert 0 < noisy < 1
+    want = (f"In this study the claim is contradicted: contradicted by 1 variant(s) that beat the baseline by "
+            f"more than noise: `better` {np.mean(x - base):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] (n=6); "
+            f"supported by 2 variant(s): `worse` worse, `same` equivalent; 1 variant(s) beat it by less than "
+            f"the margin, which the claim allows: `slightly`; undecided for 1 variant(s) (`noisy` could detect "
+            f"{noisy:.3f}): `chae-ablate run STUDY --adaptive` adds seeds where they are undecided.")
+    assert want in text
+    assert "(this study trained 5)" in text  # not the paper's 20 epochs
+    assert "36 of 36 needed cells are in the statistics" in text and "not complete" not in text
+
+
+def conclusion_of(md) -> str:
+    return md.read_text().split("## Conclusion\n\n")[1].split("\n")[0]
+
+
+def test_conclusion_ends_with_one_full_stop(known_report):
+    assert not conclusion_of(known_report[0]).endswith("..")
+
+
+def test_conclusion_words_pending_variants_as_pending(tmp_path):
+    losses = {"baseline": {0: 0.50, 1: 0.52}, "kernel5": {0: 0.49, 1: 0.47}, "heads4": {0: 0.51}}
+    md, _, _ = report.build_report("pending", *make_study(losses, missing=[("heads4", 1)]), tmp_path)
+    text = conclusion_of(md)
+    assert "n=nan" not in text and "undecided" not in text and "pending" in text
+
+
+@pytest.mark.parametrize("drop, verdict", [(["better", "noisy"], "supported"), (["better"], "not yet settled")])
+def test_claim_is_supported_only_when_nothing_is_open(tmp_path, drop, verdict):
+    losses = {k: v for k, v in KNOWN.items() if k not in drop}
+    md, summary, _ = report.build_report("sub", *make_study(losses), tmp_path)
+    assert f"In this study the claim is {verdict}: supported by 2 variant(s)" in md.read_text()
+    assert summary["level"].dropna().unique() == pytest.approx([1 - ALPHA / (len(losses) - 1)])
+
+
+def test_report_files_and_figures_are_real(known_report):
+    md, _, _, written = known_report
+    out = md.parent
+    assert sorted(p.relative_to(out).as_posix() for p in written) == sorted(
+        [*report.REPORT_FILES, "figures/differences.png", "figures/val_loss_curves.png",
+         "figures/params_vs_metric.png"])
+    assert all(p.is_file() for p in written)
+    text, page = md.read_text(), (out / "report.html").read_text()
     linked = re.findall(r"!\[[^\]]*\]\((figures/[^)]+\.png)\)", text)
-    assert sorted(linked) == [f"figures/{p.name}" for p in pngs]
+    assert linked == ["figures/differences.png", "figures/val_loss_curves.png", "figures/params_vs_metric.png"]
+    assert 'src="figures/' not in page  # self-contained
     inlined = [base64.b64decode(b) for b in re.findall(r'src="data:image/png;base64,([^"]+)"', page)]
-    assert inlined == [(md.parent / f).read_bytes() for f in linked]  # the HTML holds the same figures
-    for png in pngs:
-        data = png.read_bytes()
+    assert inlined == [(out / f).read_bytes() for f in linked]  # the HTML holds the same figures, in order
+    assert "<table" in page and ">equivalent</td>" in page and ">better (less than the margin)</td>" in page
+    for name in linked:
+        data = (out / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
-        with Image.open(png) as im:
+        with Image.open(out / name) as im:
             im.verify()
-        with Image.open(png) as im:
+        with Image.open(out / name) as im:
             assert im.format == "PNG"
             assert 600 <= im.width <= 2400 and 300 <= im.height <= 1600  # a few inches at ~120 dpi
             assert 1 <= im.width / im.height <= 3.5  # landscape, not a sliver
@@ -169,71 +227,209 @@ def test_report_files_are_complete(known_report):
             assert hi - lo > 100  # not blank
 
 
-def test_one_seed_claims_no_significance(tmp_path):
-    losses = {"baseline": {0: 0.5}, "heads4": {0: 0.45}, "deep": {0: 0.55}}
-    md = report.build_report("single", *make_study(losses), tmp_path)
+def test_forest_plot_colours_its_verdicts(known_report):
+    md, _, _, _ = known_report
+    with Image.open(md.parent / "figures" / "differences.png") as im:
+        rgb = np.asarray(im.convert("RGB"), dtype=int)
+    for colour in [(44, 160, 44), (214, 39, 40), (31, 119, 180)]:  # tab:green better, tab:red worse, tab:blue
+        near = (np.abs(rgb - np.array(colour)).sum(axis=-1) < 15).sum()
+        assert near > 50, colour
+
+
+def test_format_summary_table(known_report):
+    _, summary, _, _ = known_report
+    lines = report.format_summary_table(summary.reset_index()).splitlines()
+    assert lines[0].split() == ["variant", "seeds", "best_val_loss", "difference", "[99.00%", "interval]", "verdict"]
+    assert len(lines) == 1 + len(KNOWN)
+    base = np.array(list(BASE.values()))
+    assert lines[1].split() == ["baseline", "6/6", f"{base.mean():.3f}", "±", f"{base.std(ddof=1):.3f}", "baseline"]
+    x, b = paired("worse")
+    ci = sps.ttest_rel(x, b).confidence_interval(0.99)
+    assert f"{np.mean(x - b):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]" in lines[2 + list(DIFFS).index("worse")]
+    assert lines[-1].endswith("better (less than the margin)")
+    assert report.summary_table_text(known_report[0].parent).splitlines() == lines
+
+
+def test_study_spec_reads_plans_and_legacy_lists():
+    cells = [{"variant": "baseline", "seed": 1, "cell_hash": "a"}, {"variant": "baseline", "seed": 0, "cell_hash": "b"},
+             {"variant": "k5", "seed": "0", "cell_hash": "c"}]
+    got_cells, analysis, seeds = report.study_spec(cells)
+    assert (got_cells, analysis, seeds) == (cells, AnalysisConfig(), {"baseline": [1, 0], "k5": [0]})
+    plan = {"cells": cells, "analysis": {"adaptive": True, "margin": 0.1, "relative": False},
+            "seeds": {"baseline": [3, 1, 2], "k5": [3, 1, 2]}}
+    _, analysis, seeds = report.study_spec(plan)
+    assert analysis == AnalysisConfig(adaptive=True, margin=0.1, relative=False)
+    assert seeds == {"baseline": [3, 1, 2], "k5": [3, 1, 2]}  # draw order kept, not sorted
+    with pytest.raises(ChaeError, match="analysis.alpha"):
+        report.study_spec({"cells": cells, "analysis": {"alpha": 2.0}})
+
+
+ADAPTIVE = {"adaptive": True, "min_seeds": 3, "max_seeds": 6, "margin": 0.05, "relative": False}  # looks 3, 6
+FAST = [-0.30, -0.31, -0.29]  # decided at the first look
+SLOW = [0.01, -0.02, 0.03, -0.01, 0.02, 0.00]  # undecided at 3 seeds, equivalent at 6
+
+
+def adaptive_losses(slow_seeds: int = 6) -> dict[str, dict[int, float]]:
+    return {"baseline": {s: BASE[s] for s in SEEDS},
+            "fast": {s: BASE[s] + d for s, d in zip(SEEDS, FAST)},
+            "slow": {s: BASE[s] + d for s, d in list(zip(SEEDS, SLOW))[:slow_seeds]}}
+
+
+def test_adaptive_study_reports_only_the_needed_cells(tmp_path):
+    """The plan lists 6 seeds per variant; `fast` is decided at 3, so its seeds 3-5 are not needed
+    and are neither listed as missing nor counted; `slow` and the baseline run all 6."""
+    losses = adaptive_losses()
+    cells, epochs, plan = make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses})
+    assert len(plan["cells"]) == 18
+    md, summary, _ = report.build_report("adaptive", cells, epochs, plan, tmp_path)
+    summary, results = read_csvs(tmp_path)
+    assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, by_seed in losses.items() for s in by_seed]
+    assert (results["status"] == "FINISHED").all()
+    level = 1 - ALPHA / (2 * 2)  # m = 2 variants, K = 2 looks
+    for variant, seeds, looks, code in [("fast", SEEDS[:3], 1, "better"), ("slow", SEEDS, 2, "equivalent")]:
+        x, base = paired(variant, losses, seeds)
+        ci = sps.ttest_1samp(x - base, 0.0).confidence_interval(level)
+        row = summary.loc[variant]
+        assert (row["n_needed"], row["n_pairs"], row["looks"]) == (len(seeds), len(seeds), looks)
+        assert row["verdict_code"] == code
+        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert row["level"] == pytest.approx(level)
+    x, base = paired("slow", losses, SEEDS[:3])  # at the first look slow was undecided
+    ci3 = sps.ttest_1samp(x - base, 0.0).confidence_interval(level)
+    assert ci3.low < -0.05 or ci3.high > 0.05
+    assert summary.loc["baseline", "n_needed"] == 6
     text = md.read_text()
-    summary = pd.read_csv(tmp_path / "summary.csv").set_index("variant")
-    assert "no significance can be claimed" in text.lower()
-    assert "`heads4`, `deep`: at least 3 seeds per variant, e.g. `--seeds 0,1,2`" in text
-    assert summary.loc[["heads4", "deep"], "verdict"].tolist() == ["n/a (1 seed)"] * 2
-    assert summary.loc[["heads4", "deep"], "p_holm"].isna().all()
+    assert "Seeds: adaptive, 3 to 6 seeds." in text and "looks at 3, 6 seeds (K = 2)" in text
+    assert "15 cells ran, against 18 with 6 seeds everywhere: 3 cells saved (17%)" in text
+    assert "None: all 15 needed cells finished." in text
 
 
-def test_one_seed_variant_gets_an_estimate_from_the_spread(tmp_path):
-    losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "deep": {0: 0.55, 1: 0.56, 2: 0.53}, "heads4": {0: 0.47}}
-    md = report.build_report("mixed", *make_study(losses), tmp_path)
-    summary = pd.read_csv(tmp_path / "summary.csv").set_index("variant")
-    base, deep = np.array([0.50, 0.52, 0.51]), np.array([0.55, 0.56, 0.53])
-    pooled = math.sqrt((((base - base.mean()) ** 2).sum() + ((deep - deep.mean()) ** 2).sum()) / (2 + 2))
-    effect = abs(0.47 - 0.51) / (pooled * math.sqrt(2))  # a difference of two cells has sd * sqrt(2)
-    # paired (one-sample) t-test power at the strictest Holm level of 2 comparisons: n = 4.72
-    n = TTestPower().solve_power(effect_size=effect, alpha=0.05 / 2, power=0.8, alternative="two-sided")
-    want = max(stats.MIN_SEEDS, math.ceil(n))
-    assert want == 5
-    assert summary.loc["heads4", "verdict"] == "n/a (1 seed)"
-    assert summary.loc["heads4", "seeds_needed"] == want
-    assert summary.loc["heads4", "diff_vs_baseline"] == pytest.approx(0.47 - 0.51)
-    assert f"`heads4`: about {want} paired seeds" in md.read_text()
+def test_cells_beyond_the_needed_seeds_stay_out_of_the_statistics(tmp_path):
+    """fast is decided at 3 seeds; seeds 3-5 were logged anyway (the study once ran with a fixed
+    design, or its margin changed). Its row must describe the seeds its verdict used: 3, not 6."""
+    losses = adaptive_losses()
+    losses["fast"] = {s: BASE[s] + d for s, d in zip(SEEDS, FAST + [0.3, 0.3, 0.3])}
+    report.build_report("extra", *make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses}), tmp_path)
+    summary, results = read_csvs(tmp_path)
+    assert summary.loc["fast", "verdict"] == "better" and summary.loc["fast", "n_pairs"] == 3
+    x = np.array([losses["fast"][s] for s in SEEDS[:3]])
+    assert summary.loc["fast", "mean"] == pytest.approx(x.mean())
+    assert summary.loc["fast", "n"] == 3
+    assert not results[(results["variant"] == "fast") & (results["seed"] >= 3)]["in_stats"].any()
+
+
+def test_an_unfinished_look_leaves_the_study_incomplete(tmp_path):
+    """slow's second-look cells (and the baseline's) never ran: they are listed as missing, slow keeps
+    its first-look verdict, and fast's decision stands."""
+    losses = adaptive_losses(slow_seeds=3)
+    losses["baseline"] = {s: BASE[s] for s in SEEDS[:3]}
+    cells, epochs, plan = make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses})
+    md, _, _ = report.build_report("halfway", cells, epochs, plan, tmp_path)
+    summary, results = read_csvs(tmp_path)
+    missing = results[results["status"] == "MISSING"]
+    assert missing[["variant", "seed"]].values.tolist() == [["baseline", s] for s in SEEDS[3:]] + [
+        ["slow", s] for s in SEEDS[3:]]
+    assert summary.loc["fast", "verdict"] == "better" and summary.loc["fast", "n_needed"] == 3
+    assert (summary.loc["slow", "verdict"], summary.loc["slow", "looks"], summary.loc["slow", "n_pairs"]) == (
+        "undecided", 1, 3)
+    assert (summary.loc["slow", "n"], summary.loc["slow", "n_needed"]) == (3, 6)
+    text = md.read_text()
+    assert "The study is not complete: some verdicts are pending." in text
+    assert "9 of 15 needed cells are in the statistics" in text
+    assert "`slow` seed 4 (cell h-slow-4): missing: needed, but no run was logged for it" in text
 
 
 def test_failed_and_missing_cells_are_reported(tmp_path):
-    losses = {"baseline": {0: 0.50, 1: 0.52}, "kernel5": {0: 0.49}, "heads4": {0: 0.51}}
+    losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "kernel5": {0: 0.49, 2: 0.47}, "heads4": {0: 0.51, 2: 0.50}}
     failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN"}
     cells, epochs, plan = make_study(losses, failed=failed, missing=[("heads4", 1)])
-    md = report.build_report("partial", cells, epochs, plan, tmp_path)
+    md, _, _ = report.build_report("partial", cells, epochs, plan, tmp_path)
     text = md.read_text()
     section = text.split("## Cells not in the statistics")[1].split("##")[0]
     assert "`kernel5` seed 1 (cell h-kernel5-1): failed: CUDA out of memory" in section
     assert "`dim96` seed 0 (cell h-dim96-0): failed: loss became NaN" in section
-    assert "`heads4` seed 1 (cell h-heads4-1): missing" in section
-    results = pd.read_csv(tmp_path / "results.csv")
-    assert results.set_index(["variant", "seed"]).loc[("heads4", 1), "status"] == "MISSING"
-    summary = pd.read_csv(tmp_path / "summary.csv").set_index("variant")
-    assert summary.loc["dim96", "n"] == 0 and summary.loc["dim96", "verdict"] == "n/a (no finished cell)"
-    assert summary.loc["kernel5", "n"] == 1 and summary.loc["kernel5", "n_planned"] == 2
-    assert "4 of 7 cells" in text
+    assert "`heads4` seed 1 (cell h-heads4-1): missing: needed, but no run was logged for it" in section
     assert "<li><code>kernel5</code> seed 1" in (tmp_path / "report.html").read_text()
+    summary, results = read_csvs(tmp_path)
+    assert results.set_index(["variant", "seed"]).loc[("heads4", 1), "status"] == "MISSING"
+    assert (summary.loc["kernel5", "n"], summary.loc["kernel5", "n_needed"]) == (2, 3)
+    # a look is taken once all its cells are settled: heads4's missing cell holds every verdict back
+    assert summary.loc[["kernel5", "heads4", "dim96"], "verdict"].tolist() == [
+        "pending (its first look is not complete)"] * 3
+    assert summary.loc["dim96", "n"] == 0 and summary.loc["dim96", "verdict_code"] == "pending"
+    assert "7 of 10 needed cells are in the statistics. The study is not complete" in text
+
+
+def test_failed_cells_settle_the_look(tmp_path):
+    """Once every needed cell finished or failed the look is taken, on the pairs that exist."""
+    losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "kernel5": {0: 0.49, 2: 0.47}, "heads4": {0: 0.51, 2: 0.50}}
+    failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN", ("heads4", 1): "diverged"}
+    report.build_report("settled", *make_study(losses, failed=failed), tmp_path)
+    summary, _ = read_csvs(tmp_path)
+    level = 1 - ALPHA / 3
+    for variant in ["kernel5", "heads4"]:
+        x, base = paired(variant, losses, [0, 2])
+        ci = sps.ttest_rel(x, base).confidence_interval(level)
+        row = summary.loc[variant]
+        assert (row["n"], row["n_needed"], row["n_pairs"], row["looks"]) == (2, 3, 2, 1)
+        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
+        assert row["level"] == pytest.approx(level)
+    assert (summary.loc["dim96", "n_pairs"], summary.loc["dim96", "verdict"]) == (0, "undecided")
+
+
+def test_one_seed_is_undecided_without_an_interval(tmp_path):
+    losses = {"baseline": {0: 0.5}, "heads4": {0: 0.45}, "deep": {0: 0.55}}
+    md, summary, _ = report.build_report("single", *make_study(losses), tmp_path)
+    summary = summary.set_index("variant")
+    assert summary.loc[["heads4", "deep"], "verdict"].tolist() == ["undecided"] * 2
+    assert summary.loc[["heads4", "deep"], "n_pairs"].tolist() == [1, 1]
+    assert summary.loc[["heads4", "deep"], "diff"].tolist() == pytest.approx([-0.05, 0.05])
+    assert summary.loc[["heads4", "deep"], ["diff_low", "diff_high", "detectable"]].isna().all().all()
+    assert "undecided for 2 variant(s) (`heads4` n=1, `deep` n=1)" in md.read_text()
 
 
 def test_no_finished_baseline_gives_no_verdicts(tmp_path):
+    """With a relative margin and no baseline value nothing can be decided; nothing crashes."""
     losses = {"kernel5": {0: 0.49, 1: 0.50}, "heads4": {0: 0.51, 1: 0.53}}
     cells, epochs, plan = make_study(losses, failed={("baseline", 0): "diverged", ("baseline", 1): "diverged"})
-    plan = plan[-2:] + plan[:-2]  # baseline first, as the runner writes it
-    md = report.build_report("nobase", cells, epochs, plan, tmp_path)
-    summary = pd.read_csv(tmp_path / "summary.csv").set_index("variant")
+    md, _, _ = report.build_report("nobase", cells, epochs, plan, tmp_path)
+    summary, _ = read_csvs(tmp_path)
     assert summary.index[0] == "baseline" and summary.loc["baseline", "n"] == 0
-    assert set(summary.loc[["kernel5", "heads4"], "verdict"]) == {"n/a (no baseline)"}
-    assert "baseline has no finished cell" in md.read_text()
+    assert summary.loc[["kernel5", "heads4"], "verdict"].tolist() == ["undecided"] * 2
+    assert summary.loc[["kernel5", "heads4"], "n_pairs"].tolist() == [0, 0]
+    text = md.read_text()
+    assert "baseline has no finished cell" in text
+    assert "`baseline` seed 0 (cell h-baseline-0): failed: diverged" in text
 
 
-def test_format_summary_table(known_report):
-    _, summary, _ = known_report
-    lines = report.format_summary_table(summary.reset_index()).splitlines()
-    assert lines[0].split() == ["variant", "n", "best", "val", "loss", "test", "acc", "verdict"]
-    assert len(lines) == 1 + len(KNOWN)
-    assert lines[1].split()[:5] == ["baseline", "3/3", "0.510", "±", "0.010"]
-    assert lines[2].endswith("better")
+def test_nothing_ran_yet_lists_every_cell_as_missing(tmp_path):
+    _, _, plan = make_study({"baseline": {0: 0.5, 1: 0.5}, "k5": {0: 0.5, 1: 0.5}})
+    md, summary, _ = report.build_report("fresh", pd.DataFrame(), pd.DataFrame(), plan, tmp_path)
+    assert summary["n"].tolist() == [0, 0] and summary["verdict"].tolist()[1].startswith("pending")
+    assert (pd.read_csv(tmp_path / "results.csv")["status"] == "MISSING").all()
+    assert "0 of 4 needed cells are in the statistics" in md.read_text()
+
+
+def test_higher_is_better_metric_flips_the_verdicts(tmp_path):
+    """On test_acc (= 0.85 - loss / 10 in make_study) the variant with the lower loss has the higher
+    accuracy: still better, and the differences change sign."""
+    analysis = {"metric": "test_acc", "margin": 0.001, "relative": False}
+    losses = {k: KNOWN[k] for k in ("baseline", "better", "worse")}
+    report.build_report("acc", *make_study(losses, analysis=analysis), tmp_path)
+    summary, _ = read_csvs(tmp_path)
+    assert summary.loc[["better", "worse"], "verdict"].tolist() == ["better", "worse"]
+    acc = {v: np.array([0.85 - losses[v][s] / 10 for s in SEEDS]) for v in losses}
+    ci = sps.ttest_rel(acc["better"], acc["baseline"]).confidence_interval(1 - ALPHA / 2)
+    assert summary.loc["better", "diff_low"] == pytest.approx(ci.low) and ci.low > 0
+    assert summary.loc["better", "share_better"] == 1.0 and summary.loc["worse", "share_better"] == 0.0
+    assert (summary["metric"] == "test_acc").all()
+
+
+def test_logged_cells_without_a_baseline_or_plan_still_report(tmp_path):
+    """A study without plan.json (an older parent run) whose baseline runs are gone."""
+    cells, epochs, _ = make_study({"k5": {0: 0.50, 1: 0.52}, "h4": {0: 0.40, 1: 0.41}})
+    md, summary, _ = report.build_report("nobase", cells, epochs, {}, tmp_path)
+    assert summary["verdict"].tolist()[-2:] == ["undecided", "undecided"]
 
 
 def test_empty_study_is_a_user_error(tmp_path):
@@ -241,120 +437,69 @@ def test_empty_study_is_a_user_error(tmp_path):
         report.build_report("empty", pd.DataFrame(), pd.DataFrame(), [], tmp_path)
 
 
-# Published worked examples of Holm's (1979) step-down method: (raw p, adjusted p, rejected at 0.05).
-# Wikipedia, "Holm-Bonferroni method", section Example: four hypotheses at alpha = 0.05, H1 and H4
-# rejected; adjusted p-values by the article's formula max_{j<=i} (m - j + 1) p_(j):
-# 4 * 0.005, 3 * 0.01, 2 * 0.03, max(0.06, 1 * 0.04).
-WIKIPEDIA_HOLM = ([0.01, 0.03, 0.04, 0.005], [0.03, 0.06, 0.06, 0.02], [True, False, False, True])
-# pingouin's documentation, pingouin.holm, Examples: 5 * 0.0003, 4 * 0.003, 3 * 0.054,
-# max(2 * 0.32, 1 * 0.50).
-PINGOUIN_HOLM = ([0.50, 0.003, 0.32, 0.054, 0.0003], [0.64, 0.012, 0.64, 0.162, 0.0015],
-                 [False, True, False, False, True])
-
-
-@pytest.mark.parametrize("raw, adjusted, rejected", [WIKIPEDIA_HOLM, PINGOUIN_HOLM], ids=["wikipedia", "pingouin"])
-def test_holm_matches_published_examples(raw, adjusted, rejected):
-    got = stats.holm(raw)
-    assert got.tolist() == pytest.approx(adjusted, abs=1e-12)
-    assert got.tolist() == pytest.approx(multipletests(raw, method="holm")[1].tolist(), abs=1e-12)
-    assert (got < 0.05).tolist() == rejected
-
-
-@pytest.mark.parametrize("raw", [[0.4, 0.45, 0.9], [0.01, 0.01, 0.02, 0.5], [0.2, 0.2, 0.2], [0.03],
-                                 np.random.default_rng(0).uniform(0, 0.2, 12).tolist()],
-                         ids=["capped", "ties", "all-equal", "one", "twelve"])
-def test_holm_agrees_with_statsmodels(raw):
-    assert stats.holm(raw).tolist() == pytest.approx(multipletests(raw, method="holm")[1].tolist(), abs=1e-12)
-
-
-def test_holm_caps_at_one():
-    assert stats.holm([0.4, 0.45, 0.9]).tolist() == [1.0, 1.0, 1.0]  # 3 * 0.4 = 1.2 -> 1
-
-
-def test_holm_leaves_nans_out():
-    """As stats.holm documents: NaNs stay NaN and do not count as comparisons, so the Wikipedia
-    example with two NaNs mixed in is still corrected for m = 4, not 6."""
-    nan = math.nan
-    got = stats.holm([0.01, nan, 0.03, 0.04, nan, 0.005])
-    assert np.isnan(got).tolist() == [False, True, False, False, True, False]
-    assert got[~np.isnan(got)].tolist() == pytest.approx([0.03, 0.06, 0.06, 0.02], abs=1e-12)
-    assert np.isnan(stats.holm([nan, 0.02])).tolist() == [True, False] and stats.holm([nan, 0.02])[1] == 0.02
-    assert np.isnan(stats.holm([nan, nan])).all() and stats.holm([]).size == 0
-
-
-# Fewest paired seeds for 80% power at alpha = 0.05, by Cohen's d; G*Power's one-sample t-test gives
-# the same (d = 0.5: n = 34; d = 1: n = 10), checked here against statsmodels' power solver.
-SEEDS_FOR_EFFECT = {0.5: 34, 0.8: 15, 1.0: 10, 1.5: 6, 2.0: 5, 3.0: 4}
-
-
-@pytest.mark.parametrize("effect, n", SEEDS_FOR_EFFECT.items())
-def test_seeds_needed_matches_t_test_power(effect, n):
-    solved = TTestPower().solve_power(effect_size=effect, alpha=0.05, power=0.8, alternative="two-sided")
-    assert math.ceil(solved) == n
-    assert stats.seeds_needed(0.03 * effect, 0.03) == n
-    assert stats.seeds_needed(-0.03 * effect, 0.03) == n  # the sign of the difference does not matter
-
-
-def test_seeds_needed_edges():
-    assert stats.seeds_needed(10.0, 1.0) == stats.MIN_SEEDS  # 2 would do; we ask for at least 3
-    assert stats.seeds_needed(1.0, 0.0) == stats.MIN_SEEDS
-    assert stats.seeds_needed(0.001, 1.0) is None  # d = 0.001 needs millions
-    assert stats.seeds_needed(0.0, 1.0) is None
-    with pytest.raises(ValueError, match="finite"):
-        stats.seeds_needed(math.nan, 1.0)
-
-
 def _log_study(name: str, losses: dict[str, dict[int, float]], failed: dict, tmp_path) -> None:
-    """Log a study the way the runner does: a parent run and one nested run per cell."""
-    import mlflow
+    """Log a study as tracking.StudyLog does: a parent run (role study) holding plan.json, and one
+    nested run per cell (role cell, mlflow.parentRunId) with per-epoch metrics as steps."""
+    from mlflow.entities import Metric, Param
+    from mlflow.tracking import MlflowClient
 
     cells, epochs, plan = make_study(losses, failed=failed)
-    exp = mlflow.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp, run_name=name, tags={"chae.role": "study"}):
-        mlflow.log_dict({"cells": plan}, "plan.json")  # the layout tracking.StudyLog writes
-        for c in cells.to_dict("records"):
-            tags = {"chae.role": "cell", **{k: str(c[k]) for k in ["variant", "seed", "cell_hash", "description"]}}
-            if c["failure_reason"]:
-                tags["failure_reason"] = c["failure_reason"]
-            mlflow.start_run(experiment_id=exp, run_name=f"{c['variant']}/seed{c['seed']}", nested=True, tags=tags)
-            mlflow.log_param("model.resolution", 256)
-            for e in epochs[epochs["run_id"] == c["run_id"]].to_dict("records"):
-                metrics = {k: e[k] for k in ["train_loss", "train_acc", "val_loss", "val_acc"]}
-                mlflow.log_metrics(metrics, step=e["epoch"])
-            if c["status"] == "FINISHED":
-                mlflow.log_metrics({k: c[k] for k in report.METRICS if k != "resolution"})
-            mlflow.end_run(status=c["status"])
+    client = MlflowClient()
+    exp = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, run_name=name, tags={tracking.ROLE: "study"}).info.run_id
+    client.log_dict(parent, plan, "plan.json")
+    for c in cells.to_dict("records"):
+        tags = {"mlflow.parentRunId": parent, tracking.ROLE: "cell",
+                **{k: str(c[k]) for k in ["variant", "seed", "cell_hash", "description"]}}
+        if c["failure_reason"]:
+            tags["failure_reason"] = c["failure_reason"]
+        run = client.create_run(exp, run_name=f"{c['variant']}/seed{c['seed']}", tags=tags).info.run_id
+        metrics = [Metric(k, e[k], 0, e["epoch"]) for e in epochs[epochs["run_id"] == c["run_id"]].to_dict("records")
+                   for k in ["train_loss", "train_acc", "val_loss", "val_acc"]]
+        if c["status"] == "FINISHED":
+            metrics += [Metric(k, c[k], 0, 0) for k in report.METRICS if k != "resolution"]
+        client.log_batch(run, metrics=metrics, params=[Param("model.resolution", "256")])
+        client.set_terminated(run, c["status"])
+    client.set_terminated(parent, "FINISHED")
 
 
 def test_write_report_from_mlflow(tmp_path, monkeypatch):
-    import mlflow
+    from mlflow.tracking import MlflowClient
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     monkeypatch.chdir(tmp_path)
-    losses = {"baseline": {0: 0.50, 1: 0.52}, "heads4": {0: 0.55, 1: 0.56}}
-    _log_study("e2e", losses, {("heads4", 2): "CUDA out of memory"}, tmp_path)
+    losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "heads4": {0: 0.60, 1: 0.63, 2: 0.61},
+              "kernel5": {0: 0.505, 2: 0.512}, "dim96": {1: 0.40}}
+    failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN", ("dim96", 2): "diverged"}
+    _log_study("e2e", losses, failed, tmp_path)
     cells, epochs, plan = tracking.load_study_runs("e2e")
-    assert sorted(zip(cells["variant"], cells["seed"], cells["status"])) == [
-        ("baseline", 0, "FINISHED"), ("baseline", 1, "FINISHED"), ("heads4", 0, "FINISHED"),
-        ("heads4", 1, "FINISHED"), ("heads4", 2, "FAILED")]
-    assert len(epochs) == 5 * N_EPOCHS and len(plan) == 5
+    assert len(cells) == 12 and len(epochs) == 12 * N_EPOCHS and len(plan["cells"]) == 12
     md = report.write_report("e2e")
     assert md.resolve() == (tmp_path / "reports" / "e2e" / "report.md").resolve()
-    summary = pd.read_csv(md.parent / "summary.csv").set_index("variant")
-    assert summary.loc["baseline", "best_val_loss_mean"] == pytest.approx(0.51)
-    assert summary.loc["heads4", "best_val_loss_mean"] == pytest.approx(0.555)
-    assert (summary.loc["heads4", "n"], summary.loc["heads4", "n_planned"]) == (2, 3)
-    assert summary.loc["heads4", "test"] == "paired t"
-    assert summary.loc["heads4", "p_value"] == pytest.approx(sps.ttest_rel([0.55, 0.56], [0.50, 0.52]).pvalue)
-    assert "`heads4` seed 2 (cell h-heads4-2): failed: CUDA out of memory" in md.read_text()
-    client = mlflow.MlflowClient()
+    summary, _ = read_csvs(md.parent)
+    assert summary.loc["heads4", "verdict"] == "worse"
+    assert (summary.loc["kernel5", "n"], summary.loc["kernel5", "n_needed"]) == (2, 3)
+    assert "`kernel5` seed 1 (cell h-kernel5-1): failed: CUDA out of memory" in md.read_text()
+    client = MlflowClient()
     exp = client.get_experiment_by_name("e2e")
-    parent = client.search_runs([exp.experiment_id], "tags.`chae.role` = 'study'")[0]
+    parent = client.search_runs([exp.experiment_id], f"tags.`{tracking.ROLE}` = 'study'")[0]
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert {k: v for k, v in tags.items() if k.startswith("verdict.")} == {
+        f"verdict.{v}": summary.loc[v, "verdict"] for v in ["heads4", "kernel5", "dim96"]}
+    level = 1 - ALPHA / 3
+    for variant, seeds in [("heads4", [0, 1, 2]), ("kernel5", [0, 2])]:
+        x, base = paired(variant, losses, seeds)
+        ci = sps.ttest_rel(x, base).confidence_interval(level)
+        assert metrics[f"diff.{variant}"] == pytest.approx(np.mean(x - base))
+        assert (metrics[f"diff_low.{variant}"], metrics[f"diff_high.{variant}"]) == pytest.approx((ci.low, ci.high))
+        assert metrics[f"n_pairs.{variant}"] == len(seeds)
+    assert metrics["diff.dim96"] == pytest.approx(0.40 - 0.52) and metrics["n_pairs.dim96"] == 1
+    assert "diff_low.dim96" not in metrics  # one pair has no interval: no metric rather than NaN
 
     def walk(path=None):
         for f in client.list_artifacts(parent.info.run_id, path):
             yield from walk(f.path) if f.is_dir else [f.path]
 
-    logged = set(walk())
-    assert {"report/report.md", "report/report.html", "report/summary.csv", "report/results.csv",
-            "report/figures/best_val_loss.png"} <= logged
+    assert {"plan.json", "report/report.md", "report/report.html", "report/summary.csv", "report/results.csv",
+            "report/figures/differences.png", "report/figures/val_loss_curves.png",
+            "report/figures/params_vs_metric.png"} == set(walk())
