@@ -38,7 +38,7 @@ def test_misspelled_key_fails_with_one_line_and_no_traceback(tmp_path):
     study = write(tmp_path, "name: t\nvariants:\n  k5:\n    set: {model.conv.stages.0.kernal: 5}\n")
     result = runner.invoke(app, ["plan", study])
     assert result.exit_code == 1
-    assert "variants.k5.set.model.conv.stages.0.kernal: unknown key (did you mean 'kernel'?)" in result.output
+    assert "variants.k5.model.conv.stages.0.kernal: unknown key (did you mean 'kernel'?)" in result.output
     assert "Traceback" not in result.output
 
 
@@ -57,4 +57,19 @@ def test_missing_and_invalid_files(tmp_path):
     result = runner.invoke(app, ["plan", write(tmp_path, "name: [unclosed\n")])
     assert result.exit_code == 1 and "is not valid YAML" in result.output
     result = runner.invoke(app, ["plan", str(STUDIES / "paper11.yaml"), "--seeds", "a,b"])
-    assert result.exit_code == 1 and "--seeds a,b: expected integers" in result.output
+    assert result.exit_code == 1 and "--seeds 'a,b': expected integers" in result.output
+
+
+def test_bad_analysis_settings_are_one_line_errors(tmp_path):
+    for analysis, message in [("{margin: 0}", "analysis.margin: 0.0 must be > 0"),
+                              ("{min_seeds: 6, max_seeds: 3}", "analysis.max_seeds: 3 must be between min_seeds (6)"),
+                              ("{metric: val_acc}", "analysis.metric: 'val_acc' is not one of")]:
+        result = runner.invoke(app, ["plan", write(tmp_path, f"name: t\nanalysis: {analysis}\n")])
+        assert result.exit_code == 1 and message in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+
+
+def test_adaptive_plan_shows_the_seed_range():
+    result = runner.invoke(app, ["plan", str(STUDIES / "paper11.yaml"), "--set", "analysis.adaptive=true"])
+    assert result.exit_code == 0, result.output
+    assert "12 variants x seeds = 36 to 120 cells (adaptive seeds)" in result.output

@@ -28,7 +28,7 @@ cli = CliRunner()
 
 
 class Planted:
-    """A pickle that runs a shell command when unpickled with weights_only=False."""
+    """A pickle that runs a shell command when fully unpickled (torch.load without weights_only)."""
 
     def __init__(self, marker: Path):
         self.marker = marker

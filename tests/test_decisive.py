@@ -1,0 +1,82 @@
+"""Decisive answers end to end, on the bundled digits: a clearly harmful change comes out 'worse'
+after the first round and gets no more seeds; an adaptive study killed mid-round and rerun ends
+with the same verdicts and seed counts as an uninterrupted one, no cell trained twice."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+
+from conftest import STUDIES
+
+CONTROL = STUDIES / "digits-control.yaml"
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def finished(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list]:
+    """(summary.csv, results.csv, every COMPLETE trial) of a finished run of the control study."""
+    report = folder / "reports" / "digits-control"
+    trials = optuna.load_study(study_name="digits-control", storage=f"sqlite:///{folder}/runs/optuna.db").get_trials()
+    return (pd.read_csv(report / "summary.csv").set_index("variant"), pd.read_csv(report / "results.csv"),
+            [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE])
+
+
+@pytest.mark.slow
+def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    straight.mkdir(), killed.mkdir()
+    reference = cli("run", str(CONTROL), "--no-progress", cwd=straight)
+    out, _ = reference.communicate(timeout=900)
+    assert reference.returncode == 0, out
+
+    summary, results, trials = finished(straight)
+    assert summary.loc["lr_too_small", "verdict"] == "worse"
+    assert summary.loc["lr_too_small", "n_needed"] == 3 and summary.loc["lr_too_small", "looks"] == 1
+    assert summary.loc["lr_too_small", "diff_low"] > 0  # its whole interval says worse
+    assert summary.loc["depth1", "n_needed"] in (3, 6)
+    if summary.loc["depth1", "verdict"] == "undecided":
+        assert summary.loc["depth1", "n_needed"] == 6  # undecided at the first look: the next round ran
+    assert summary.loc["baseline", "n_needed"] == summary.loc["depth1", "n_needed"]
+    assert len(trials) == len(results) == int(summary["n_needed"].sum())
+    assert len({t.user_attrs["cell_hash"] for t in trials}) == len(trials)  # no cell twice
+    assert "worse" in out and "report: reports/digits-control/report.md" in out
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{straight}/mlflow.db")
+    parent = client.search_runs([client.get_experiment_by_name("digits-control").experiment_id],
+                                "tags.`chae.role` = 'study'")[0]
+    assert parent.data.tags["verdict.lr_too_small"] == "worse"
+    assert parent.data.metrics["diff_low.lr_too_small"] > 0
+
+    if summary.loc["depth1", "n_needed"] == 3:
+        pytest.skip("depth1 was decided at the first look, so there was no second round to interrupt")
+    victim = cli("run", str(CONTROL), "--no-progress", cwd=killed, start_new_session=True)
+    checkpoints = killed / "runs" / "checkpoints" / "digits-control"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(checkpoints.glob("*/last.pt"))) < 11:
+        time.sleep(0.2)  # 9 cells of the first round, then the second round under way
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    rerun = cli("run", str(CONTROL), "--no-progress", cwd=killed)
+    out, _ = rerun.communicate(timeout=900)
+    assert rerun.returncode == 0, out
+
+    again, results_again, trials_again = finished(killed)
+    columns = ["verdict", "n_needed", "looks"]
+    pd.testing.assert_frame_equal(again[columns], summary[columns])
+    assert len({t.user_attrs["cell_hash"] for t in trials_again}) == len(trials_again) == len(trials)
+    merged = results.merge(results_again, on=["variant", "seed"], suffixes=("", "_again"))
+    assert len(merged) == len(results)
+    assert (merged["best_val_loss"] == merged["best_val_loss_again"]).all()  # resumed bit for bit
