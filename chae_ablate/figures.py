@@ -74,7 +74,7 @@ def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
     ax.set_xlabel(f"{metric}: variant − baseline (same seed)")
     ax.set_title(f"Paired differences, {100 * level.iloc[0]:.2f}% simultaneous intervals" if len(level)
                  else "Paired differences (no interval: fewer than 2 paired seeds)")
-    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=5, frameon=False)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig
 
 

@@ -134,10 +134,11 @@ class Worker:
         try:
             data = self.session.data.get(cell.config.data, cell.config.model.resolution)
             run.log_cell_inputs(cell, data)
-            result = train_cell(config=cell.config, seed=cell.seed, data=data, device=self.device,
-                                checkpoint_dir=checkpoints, tracker=_EpochReporter(run, claim),
-                                progress=self.options.bars, label=cell.label,
-                                compile_model=self.options.compile)
+            with run.system_metrics():
+                result = train_cell(config=cell.config, seed=cell.seed, data=data, device=self.device,
+                                    checkpoint_dir=checkpoints, tracker=_EpochReporter(run, claim),
+                                    progress=self.options.bars, label=cell.label,
+                                    compile_model=self.options.compile)
             run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
             run.finish(result.summary())
             claim.complete(result.summary())

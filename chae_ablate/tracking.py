@@ -13,6 +13,8 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,7 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "chae.role"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the UI's runs table, not GenAI traces
 UI_VIEW = "?workflowType=machine_learning"  # opens the runs table whatever the browser last chose
+SYSTEM_METRICS_S = 10.0  # seconds between system-metrics samples of a training cell
 PARENT_SETTLE_S = 2.0  # how long a worker that created a parent run waits for racing ones
 
 
@@ -247,6 +250,23 @@ class CellRun:
         dataset = Dataset(name=name, digest=digest, source_type="local" if source.source == "folder" else "code",
                           source=where)
         self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+
+    @contextmanager
+    def system_metrics(self, interval_s: float | None = None) -> Iterator[None]:
+        """MLflow's own system-metrics sampler (CPU, memory and, with an NVIDIA GPU, its utilisation
+        and memory) logging to this run while the block runs, so `mlflow ui` shows a starved GPU."""
+        import logging
+
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s or SYSTEM_METRICS_S,
+                                       resume_logging=bool(self.logged),
+                                       tracking_uri=tracking_uri())
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def log_artifact(self, path: Path) -> None:
         self.client.log_artifact(self.run_id, str(path))

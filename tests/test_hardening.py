@@ -169,3 +169,12 @@ def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
         assert len(cells) == 4 and len({r.data.tags["cell_hash"] for r in cells}) == 4
         assert all(r.info.status == "FINISHED" for r in cells)
         assert (folder / "reports" / "synthetic-tiny" / "report.html").exists()
+
+
+def test_cell_runs_carry_mlflow_system_metrics(workdir, monkeypatch):
+    monkeypatch.setattr("chae_ablate.tracking.SYSTEM_METRICS_S", 0.2)  # the cells last about a second
+    run_study(one_cell_study(), RunOptions(progress=False), report=False)
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("synthetic-tiny")
+    run = client.search_runs([exp.experiment_id], "tags.variant = 'baseline'")[0]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
