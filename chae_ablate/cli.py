@@ -119,13 +119,44 @@ def _cells_text(cells) -> str:
 def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
            seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
            compile: CompileOpt = False, progress: ProgressOpt = True, threads: ThreadsOpt = None,
-           heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15) -> None:
-    """Join a running study (shared --storage) and train cells until none are left."""
+           heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15,
+           join_search: Annotated[bool, typer.Option("--search", help="Join the study's search instead")] = False
+           ) -> None:
+    """Join a running study or search (shared --storage) and train cells until none are left."""
     from .runner import RunOptions, run_worker
     options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress, compile=compile,
                          threads=threads, heartbeat_s=heartbeat, grace_s=grace)
-    done = run_worker(_load(study, set_, epochs, seeds, adaptive), options)
+    loaded = _load(study, set_, epochs, seeds, adaptive)
+    if join_search:
+        from .search import run_search
+        summary = run_search(loaded, options, report=False, joining=True)
+        typer.echo(f"worker finished: the search has {len(summary.trials)} trial(s)")
+        return
+    done = run_worker(loaded, options)
     typer.echo(f"worker finished: trained {done} cell(s)")
+
+
+@app.command()
+@clean_errors
+def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1, help="Override search.trials")] = None,
+           set_: SetOpt = None, epochs: EpochsOpt = None, storage: StorageOpt = None,
+           workers: Annotated[int, typer.Option(min=1, help="Trials trained at once on this machine")] = 1,
+           device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"), compile: CompileOpt = False,
+           progress: ProgressOpt = True, threads: ThreadsOpt = None, heartbeat: HeartbeatOpt = 5,
+           grace: GraceOpt = 15) -> None:
+    """Search the study's knobs (its search: section), then re-test the best on fresh seeds."""
+    from .runner import RunOptions
+    from .search import run_search
+    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, progress=progress,
+                         compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace)
+    summary = run_search(_load(study, set_, epochs, None), options, trials)
+    confirm = summary.confirmation
+    if confirm is None:
+        typer.echo("no configuration to confirm: no trial finished, or the best was the baseline itself")
+    else:
+        typer.echo(confirm.verdicts)
+        typer.echo(f"confirmation report: {confirm.report}")
+    typer.echo(f"search report: {summary.report}")
 
 
 @app.command()

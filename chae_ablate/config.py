@@ -232,6 +232,54 @@ class AnalysisConfig:
         return errors
 
 
+SAMPLERS = ("tpe", "gp", "random")
+PRUNERS = ("baseline", "median", "hyperband", "none")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One dimension of a search space: a dotted path (as in a variant's set:) and its values."""
+
+    path: str  # e.g. model.transformer.depth
+    choices: tuple = ()  # categorical values (scalars); empty for a range
+    low: float | None = None  # range bounds, inclusive; ints when both are ints
+    high: float | None = None
+    step: float | None = None  # range step (ints: default 1; floats: continuous when none)
+    log: bool = False  # sample the range on a log scale
+
+    @property
+    def integer(self) -> bool:
+        return not self.choices and all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`chae-ablate search`: Optuna explores the knobs, then the best are re-tested on fresh seeds."""
+
+    trials: int = 20  # trials trained (rejected combinations do not count; the report counts them)
+    sampler: str = "tpe"  # tpe (multivariate, grouped) | gp | random
+    seeds: tuple[int, ...] = (0,)  # seeds of every trial (and of the baseline it is pruned against)
+    pruner: str = "baseline"  # baseline (worse than the baseline's curve by > margin) | median | hyperband | none
+    top_k: int = 3  # the best configurations, re-tested as variants against the baseline on fresh seeds
+    confirm_seed: int = 1000  # first seed of the confirmation study (fresh: never used by a trial)
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = _positive(self, "trials", "top_k") + _at_most(self, trials=10_000, top_k=50)
+        if self.sampler not in SAMPLERS:
+            errors.append(("sampler", f"{short(self.sampler)} is not one of {', '.join(SAMPLERS)}"))
+        if self.pruner not in PRUNERS:
+            errors.append(("pruner", f"{short(self.pruner)} is not one of {', '.join(PRUNERS)}"))
+        if not self.seeds:
+            errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
+        for i, seed in enumerate(self.seeds):
+            errors += _seed_range(self, f"seeds.{i}", seed)
+        errors += _seed_range(self, "confirm_seed", self.confirm_seed)
+        if self.confirm_seed <= max(self.seeds, default=0):
+            errors.append(("confirm_seed", f"{self.confirm_seed} must be above every search seed "
+                           "(the confirmation uses fresh seeds)"))
+        return errors
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one training run depends on."""

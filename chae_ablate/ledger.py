@@ -25,6 +25,7 @@ from sqlalchemy.engine import URL, make_url
 from .errors import ChaeError
 from .files import file_lock
 from .metrics import SUMMARY_METRICS
+from .config import Knob
 from .study import Cell
 
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
@@ -108,37 +109,47 @@ class CellState:
         return self.metrics.get("test_acc")
 
 
+def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) -> optuna.Study:
+    """The Optuna study `name` in the RDB storage at `url` (created if new, with its tables: under a
+    file lock for sqlite, retried on a schema race for a server), with heartbeats; a trial whose
+    worker died is failed after `grace_s` and re-queued with the same params and attributes.
+    kwargs go to optuna.create_study (sampler, pruner)."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    # our own threads record heartbeats for trials run outside Study.optimize (Claim, SearchLedger)
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+    parsed = storage_url(url)
+    engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
+    lock = nullcontext()
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        database = Path(parsed.database)
+        database.parent.mkdir(parents=True, exist_ok=True)
+        lock = file_lock(database.with_name(f".{database.name}.lock"))  # processes create tables in turn
+    elif parsed.get_backend_name() == "postgresql":
+        engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
+    try:
+        schema_race = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError) or _locked(e)  # noqa: E731
+        with lock:
+            storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False),
+                               heartbeat_interval=heartbeat_s, grace_period=grace_s,
+                               heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                               engine_kwargs=engine_kwargs, transient=schema_race)
+            return retrying(optuna.create_study, study_name=name, storage=storage, direction="minimize",
+                            load_if_exists=True, transient=schema_race, **kwargs)
+    except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
+        driver = getattr(err.__cause__, "name", None) or err.name or "database"
+        raise ChaeError(f"--storage {shown(url)}: needs the {driver} driver; "
+                        "pip install 'chae-ablate[postgres]'") from None
+    except Exception as err:  # sqlalchemy's connection and URL errors
+        reason = str(err).strip().splitlines()[0][:200]
+        raise ChaeError(f"--storage {shown(url)}: cannot open the Optuna storage ({reason})") from None
+
+
 class Ledger:
     """The Optuna study that queues one ablation study's cells."""
 
     def __init__(self, study_name: str, url: str, heartbeat_s: int = 5, grace_s: int = 15):
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-        parsed = storage_url(url)
-        engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
-        lock = nullcontext()
-        if parsed.get_backend_name() == "sqlite" and parsed.database:
-            database = Path(parsed.database)
-            database.parent.mkdir(parents=True, exist_ok=True)
-            lock = file_lock(database.with_name(f".{database.name}.lock"))  # processes create tables in turn
-        elif parsed.get_backend_name() == "postgresql":
-            engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
-        try:
-            schema_race = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError) or _locked(e)  # noqa: E731
-            with lock:
-                storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False),
-                                   heartbeat_interval=heartbeat_s, grace_period=grace_s,
-                                   heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-                                   engine_kwargs=engine_kwargs, transient=schema_race)
-                self.study = retrying(optuna.create_study, study_name=study_name, storage=storage,
-                                      direction="minimize", load_if_exists=True, transient=schema_race)
-        except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
-            driver = getattr(err.__cause__, "name", None) or err.name or "database"
-            raise ChaeError(f"--storage {shown(parsed)}: needs the {driver} driver; "
-                            "pip install 'chae-ablate[postgres]'") from None
-        except Exception as err:  # sqlalchemy's connection and URL errors
-            reason = str(err).strip().splitlines()[0][:200]
-            raise ChaeError(f"--storage {shown(parsed)}: cannot open the Optuna storage ({reason})") from None
+        self.study = open_study(study_name, url, heartbeat_s, grace_s)
         self.name = study_name
 
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
@@ -212,6 +223,14 @@ class Ledger:
                                   metrics, t.user_attrs.get("failure_reason", "") if t else ""))
         return rows
 
+    def mean_curve(self, cells: list[Cell]) -> dict[int, float]:
+        """Per epoch, the mean validation loss the finished `cells` reported (a baseline's curve)."""
+        current = self._current_trials()
+        curves = [current[c.hash].intermediate_values for c in cells
+                  if c.hash in current and current[c.hash].state == TrialState.COMPLETE]
+        epochs = sorted(set().union(*curves)) if curves else []
+        return {e: sum(c[e] for c in curves if e in c) / sum(e in c for c in curves) for e in epochs}
+
     def delete(self) -> None:
         """Forget the whole study (for --fresh)."""
         storage, _ = _internals(self.study)
@@ -275,3 +294,153 @@ def _locked(err: BaseException) -> bool:
     """sqlite's 'database is locked' / schema-creation race between processes starting together."""
     text = str(err).lower()
     return isinstance(err, sqlalchemy.exc.OperationalError) and ("locked" in text or "already exists" in text)
+
+
+# --- search: Optuna samples the knobs --------------------------------------------------------
+
+REJECTED, OVER_BUDGET, TRAINED = "rejected", "over_budget", "trained"  # a search trial's outcome attribute
+
+
+class BaselinePruner(optuna.pruners.BasePruner):
+    """Prunes a trial whose validation loss at epoch e is worse than the baseline's mean curve at e
+    by more than `margin` (the study's smallest difference that matters)."""
+
+    def __init__(self, curve: dict[int, float], margin: float):
+        self.curve, self.margin = curve, margin
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        step = trial.last_step
+        if step is None or step not in self.curve:
+            return False
+        return trial.intermediate_values[step] > self.curve[step] + self.margin
+
+
+def make_sampler(kind: str, seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """TPE (multivariate, grouped for conditional knobs), GP or random; seeded (None: fresh entropy,
+    for workers that must not all propose the same trials)."""
+    startup = max(2, min(10, trials // 3))
+    if kind == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup)
+    if kind == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True,
+                                      constant_liar=True)
+
+
+def make_pruner(kind: str, curve: dict[int, float], margin: float, epochs: int) -> optuna.pruners.BasePruner:
+    if kind == "baseline":
+        return BaselinePruner(curve, margin)
+    if kind == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)
+    if kind == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1))
+    return optuna.pruners.NopPruner()
+
+
+class SearchLedger:
+    """The Optuna study of a search: trials asked from a sampler, a budget of trained trials kept
+    exactly across workers and restarts, pruned against the baseline."""
+
+    def __init__(self, name: str, url: str, sampler: optuna.samplers.BaseSampler,
+                 pruner: optuna.pruners.BasePruner, heartbeat_s: int = 5, grace_s: int = 15):
+        self.study = open_study(name, url, heartbeat_s, grace_s, sampler=sampler, pruner=pruner)
+        self.heartbeat_s = heartbeat_s
+
+    def ask(self, knobs: tuple[Knob, ...]) -> tuple[Trial, dict]:
+        """A new trial (a dead worker's trial, re-queued with its params, comes first) and its knobs."""
+        trial = retrying(self.study.ask)
+        params = {}
+        for knob in knobs:
+            if knob.choices:
+                params[knob.path] = trial.suggest_categorical(knob.path, list(knob.choices))
+            elif knob.integer:
+                params[knob.path] = trial.suggest_int(knob.path, int(knob.low), int(knob.high),
+                                                      step=int(knob.step or 1), log=knob.log)
+            else:
+                params[knob.path] = trial.suggest_float(knob.path, knob.low, knob.high, step=knob.step, log=knob.log)
+        return trial, params
+
+    def is_retry(self, trial: Trial) -> bool:
+        """Whether this trial re-runs one whose worker died (it keeps that trial's budget slot)."""
+        return RetryHeartbeatStaleTrialCallback.retried_trial_number(self.frozen(trial)) is not None
+
+    def frozen(self, trial: Trial) -> FrozenTrial:
+        storage, trial_id = _internals(self.study, trial)
+        return storage.get_trial(trial_id)
+
+    def used(self, before: int | None = None) -> int:
+        """Budget slots taken (by trials numbered below `before`): trained, pruned, running or re-queued
+        trials that were not rejected. A running trial not yet judged counts, so two workers asking
+        at once can never both take the last slot."""
+        fail_stale_trials(self.study)
+        holding = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        return sum(1 for t in self.study.get_trials(deepcopy=False)
+                   if (before is None or t.number < before) and t.user_attrs.get("outcome") in (None, TRAINED)
+                   and (t.state in holding or (t.state == TrialState.FAIL and "reason" in t.user_attrs)
+                        or (t.state == TrialState.WAITING and t.user_attrs.get("outcome") == TRAINED)))
+        # a FAIL with a reason is a trial whose cell failed: it used its slot. A FAIL without one is a
+        # dead worker's trial: its re-queued copy (WAITING, then RUNNING) holds the slot instead.
+
+    def pending(self) -> tuple[int, int]:
+        """(queued, running) trials: a finished budget still waits for these."""
+        fail_stale_trials(self.study)
+        trials = self.study.get_trials(deepcopy=False, states=ACTIVE)
+        return (sum(t.state == TrialState.WAITING for t in trials), sum(t.state == TrialState.RUNNING for t in trials))
+
+    def skip(self, trial: Trial, outcome: str, reason: str) -> None:
+        """A trial that trains nothing, with why. A combination the builder rejected is told PRUNED
+        without values, which TPE ranks worst (a FAIL it would ignore, and propose again); one over
+        the budget is FAIL."""
+        retrying(trial.set_user_attr, "outcome", outcome)
+        retrying(trial.set_user_attr, "reason", reason[:2000])
+        retrying(self.study.tell, trial, state=TrialState.PRUNED if outcome == REJECTED else TrialState.FAIL)
+
+    def propose(self, params: dict) -> None:
+        """Queue a combination for the next ask (after a rejection, so that any sampler moves on)."""
+        retrying(self.study.enqueue_trial, params, skip_if_exists=True)
+
+    def accept(self, trial: Trial) -> None:
+        retrying(trial.set_user_attr, "outcome", TRAINED)
+
+    def heartbeat(self, trial: Trial) -> Heartbeat:
+        storage, trial_id = _internals(self.study, trial)
+        return Heartbeat(lambda: storage.record_heartbeat(trial_id), self.heartbeat_s)
+
+    def report(self, trial: Trial, epoch: int, value: float) -> bool:
+        """Report an epoch's validation loss; True when the pruner says stop."""
+        retrying(trial.report, value, epoch)
+        return retrying(trial.should_prune)
+
+    def finish(self, trial: Trial, value: float | None, pruned_at: int | None = None) -> None:
+        if pruned_at is not None:
+            retrying(trial.set_user_attr, "pruned_at_epoch", pruned_at)
+            retrying(self.study.tell, trial, state=TrialState.PRUNED)
+        else:
+            retrying(self.study.tell, trial, value)
+
+    def fail(self, trial: Trial, reason: str) -> None:
+        retrying(trial.set_user_attr, "reason", reason[:2000])
+        retrying(self.study.tell, trial, state=TrialState.FAIL)
+
+    def trials(self) -> list[dict]:
+        """One plain row per trial: number, state, value, outcome, reason, pruned epoch, params."""
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            outcome = t.user_attrs.get("outcome")
+            state = outcome.upper() if outcome in (REJECTED, OVER_BUDGET) else t.state.name
+            rows.append({"number": t.number, "state": state, "value": t.value, "reason": t.user_attrs.get("reason", ""),
+                         "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"), "params": dict(t.params),
+                         "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)})
+        return rows
+
+    def importances(self) -> dict[str, float]:
+        """fANOVA parameter importances over the finished trials ({} with fewer than two, or when
+        every finished trial has the same value)."""
+        done = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        if len(done) < 2 or len({t.value for t in done}) < 2:
+            return {}
+        try:
+            return dict(optuna.importance.get_param_importances(
+                self.study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)))
+        except (RuntimeError, ValueError):  # e.g. a single distinct value of every knob
+            return {}

@@ -214,7 +214,7 @@ def summary_table_text(report_dir: Path) -> str:
                                             na_values=[""]))
 
 
-def _verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
+def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "variant": summary["variant"], "change": summary["description"],
         "seeds": [f"{r.n}/{r.n_needed}" for r in summary.itertuples()],
@@ -309,7 +309,7 @@ def _blocks(study_name: str, table: pd.DataFrame, summary: pd.DataFrame, figures
         ("p", "Difference = variant − baseline on the same seed. Verdicts: better / worse when the interval "
               "excludes 0; equivalent when it lies inside ±margin; undecided otherwise, with the difference "
               "these seeds could have detected (80% power)."),
-        ("table", _verdict_table(summary)),
+        ("table", verdict_table(summary)),
         ("h2", "Seeds per variant"), ("p", seeds_text), ("table", seeds_table),
         ("h2", "Figures"), *[("img", path, caption) for path, caption in figures],
         ("h2", "Accuracy and cost"), ("table", _cost_table(summary)),

@@ -129,56 +129,89 @@ class Worker:
     def run_cell(self, cell: Cell, claim: Claim) -> str:
         """Train one claimed cell; returns 'COMPLETE' or 'FAIL: reason'. Raises only when a
         server is lost (then no other cell could be recorded either)."""
+        try:
+            summary = self.train(cell, EpochReporter(claim.report, claim.reported_epochs))
+        except CellError as err:
+            _best_effort(claim.fail, err.reason)
+            return f"FAIL: {err.reason.splitlines()[0][:200] if err.reason else ''}"
+        except ChaeError:
+            _best_effort(claim.fail, "lost a server; rerun to resume")
+            raise
+        claim.complete(summary)
+        return "COMPLETE"
+
+    def train(self, cell: Cell, reporter: EpochReporter) -> dict[str, float]:
+        """Train a cell with its MLflow run, checkpoints and system metrics; returns its summary
+        metrics. A failure is recorded on the run and raised as CellError (ChaeError when a server
+        was lost); CellPruned when the reporter's pruner stops it."""
         checkpoints = checkpoint_dir(self.options, self.study, cell)
         run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
+        reporter.run = run
         try:
             data = self.session.data.get(cell.config.data, cell.config.model.resolution)
             run.log_cell_inputs(cell, data)
             with run.system_metrics():
                 result = train_cell(config=cell.config, seed=cell.seed, data=data, device=self.device,
-                                    checkpoint_dir=checkpoints, tracker=_EpochReporter(run, claim),
-                                    progress=self.options.bars, label=cell.label,
-                                    compile_model=self.options.compile)
+                                    checkpoint_dir=checkpoints, tracker=reporter, progress=self.options.bars,
+                                    label=cell.label, compile_model=self.options.compile)
             run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
             run.finish(result.summary())
-            claim.complete(result.summary())
-            return "COMPLETE"
+            return result.summary()
+        except CellPruned as pruned:
+            _best_effort(run.prune, pruned.epoch)
+            raise
         except Exception as err:
             lost = lost_ledger(err) or tracking.lost_server(err)
             reason = lost or (str(err) if isinstance(err, CellFailed) else f"{type(err).__name__}: {err}")
-            self._fail(claim, run, reason)
+            _best_effort(run.fail, reason)  # the server may be what was lost: a RUNNING run is failed later
             if lost:
                 raise ChaeError(f"cell {cell.label}: {lost}; its checkpoint is kept, rerun to resume") from None
-            return f"FAIL: {reason.splitlines()[0][:200] if reason else ''}"
-
-    @staticmethod
-    def _fail(claim: Claim, run: tracking.CellRun, reason: str) -> None:
-        """Best effort on each side, as one of them may be the server that was lost: an MLflow run
-        left RUNNING is marked FAILED by the cell's next attempt; a trial left RUNNING goes stale
-        and is re-queued."""
-        for record in (run.fail, claim.fail):
-            try:
-                record(reason)
-            except Exception:
-                pass
+            raise CellError(reason) from None
 
 
-class _EpochReporter:
-    """Sends each epoch to MLflow and its validation loss to the ledger (for pruners)."""
+class CellError(Exception):
+    """A cell failed (any error but a lost server); the reason is recorded and the study goes on."""
 
-    def __init__(self, run: tracking.CellRun, claim: Claim):
-        self.run, self.claim = run, claim
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class CellPruned(Exception):
+    """A pruner stopped the cell after `epoch` (a search trial doing worse than the baseline)."""
+
+    def __init__(self, epoch: int):
+        super().__init__(f"pruned after epoch {epoch}")
+        self.epoch = epoch
+
+
+def _best_effort(record, *args) -> None:
+    """Record on one side even when the other side's server was lost (a stale trial is re-queued,
+    a RUNNING MLflow run is failed by the cell's next attempt)."""
+    try:
+        record(*args)
+    except Exception:
+        pass
+
+
+class EpochReporter:
+    """Sends each epoch to MLflow and its validation loss to the ledger (for pruners): report(epoch,
+    loss) returns True when the cell should stop; reported() lists the epochs the ledger has."""
+
+    def __init__(self, report, reported):
+        self.report, self.reported, self.run = report, reported, None
 
     def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
         self.run.log_missed_epochs(history)
-        reported = self.claim.reported_epochs()
+        known = self.reported()
         for epoch, metrics in enumerate(history, start=1):
-            if epoch not in reported:
-                self.claim.report(epoch, metrics["val_loss"])
+            if epoch not in known:
+                self.report(epoch, metrics["val_loss"])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log_epoch(epoch, metrics)
-        self.claim.report(epoch, metrics["val_loss"])
+        if self.report(epoch, metrics["val_loss"]):
+            raise CellPruned(epoch)
 
 
 # --- the commands ----------------------------------------------------------------------------
@@ -234,7 +267,7 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     session = start_study(study, options)
     try:
         if options.workers <= 1:
-            _set_threads(options, 1)
+            set_threads(options, 1)
             with StudyProgress(session.ledger, study, options.progress) as bar:
                 Worker(study, options, device, session).run(on_cell_done=bar.cell_done)
         else:
@@ -267,11 +300,17 @@ def _run_children(study: Study, options: RunOptions, ledger: Ledger) -> None:
         raise ChaeError(f"{len(failed)} worker process(es) exited with an error; rerun to resume")
 
 
-def _child_main(study: Study, options: RunOptions, index: int) -> None:
+def child_device(options: RunOptions, index: int) -> torch.device:
+    """Worker process `index`'s device: GPU index mod the GPUs visible, when there are several."""
     device = pick_device(options.device)
     if device.type == "cuda" and options.device in ("auto", "cuda") and torch.cuda.device_count() > 1:
         device = torch.device(f"cuda:{index % torch.cuda.device_count()}")
-    _set_threads(options, options.workers)
+    return device
+
+
+def _child_main(study: Study, options: RunOptions, index: int) -> None:
+    device = child_device(options, index)
+    set_threads(options, options.workers)
     options = replace(options, progress=False)
     Worker(study, options, device, open_session(study, options)).run()
 
@@ -283,14 +322,14 @@ def run_worker(study: Study, options: RunOptions) -> int:
     race runs once (Ledger.is_duplicate)."""
     check_runs_dir(options)
     tracking.check_tracking_server()
-    _set_threads(options, 1)
+    set_threads(options, 1)
     session = open_session(study, options)
     session.ledger.queue(needed_cells(study, session.ledger))
     with StudyProgress(session.ledger, study, options.progress) as bar:
         return Worker(study, options, pick_device(options.device), session).run(on_cell_done=bar.cell_done)
 
 
-def _set_threads(options: RunOptions, workers: int) -> None:
+def set_threads(options: RunOptions, workers: int) -> None:
     torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) // workers))
 
 

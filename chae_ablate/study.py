@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import itertools
 import json
 import os
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .config import AnalysisConfig, ExperimentConfig, did_you_mean, key_text, parse, short, to_dict
+from .config import AnalysisConfig, ExperimentConfig, Knob, SearchConfig, did_you_mean, key_text, parse, short, to_dict
 from .errors import ConfigError
+from .space import parse_space
 
 BASELINE = "baseline"
-STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "analysis", "variants")
+STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "analysis", "search", "variants")
 VARIANT_KEYS = ("description", "set")
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 INDEX_RULE = re.compile(r"0|[1-9][0-9]{0,5}")  # one spelling per list item: not 00, not '²'
@@ -63,6 +63,16 @@ class Study:
     variants: tuple[Variant, ...]  # the baseline first
     source: Path | None = None  # the YAML file it came from
     analysis: AnalysisConfig = AnalysisConfig()  # how the study decides; see analysis.py
+    search: SearchConfig | None = None  # `chae-ablate search` settings, when the file has search:
+    space: tuple[Knob, ...] = ()  # the search space
+    base_data: dict = field(default_factory=dict, repr=False, compare=False)  # the baseline as plain data
+
+    def config_with(self, overrides: dict[str, Any], where: str = "trial") -> ExperimentConfig:
+        """The baseline with dotted-path overrides, validated (ConfigError when the builder rejects it)."""
+        data = copy.deepcopy(self.base_data)
+        for dotted, value in overrides.items():
+            set_dotted(data, dotted, value, prefix=f"{where}.")
+        return parse(ExperimentConfig, data, where)
 
     @property
     def baseline(self) -> Variant:
@@ -89,10 +99,10 @@ class Study:
 
 
 def seed_sequence(first: Sequence[int], length: int) -> list[int]:
-    """`first`, then the smallest unused non-negative integers, `length` seeds in all."""
+    """`first`, then the integers after its largest, `length` seeds in all (so a sequence that
+    starts at fresh seeds, e.g. a confirmation's 1000, stays fresh)."""
     out = list(dict.fromkeys(first))[:length]
-    out += list(itertools.islice((s for s in itertools.count() if s not in out), length - len(out)))
-    return out
+    return out + list(range(max(out, default=-1) + 1, max(out, default=-1) + 1 + length - len(out)))
 
 
 def config_key(config: ExperimentConfig) -> dict:
@@ -299,7 +309,19 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
     analysis_config = parse(AnalysisConfig, analysis, "analysis")
     if analysis_config.adaptive:
         _refuse_own_seeds(variants)
-    return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source, analysis_config)
+    search, space = _search(raw.get("search"), base)
+    return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source, analysis_config,
+                 search, space, base)
+
+
+def _search(raw: Any, base: dict) -> tuple[SearchConfig | None, tuple[Knob, ...]]:
+    """The search: section, if any: its settings and its space."""
+    if raw is None:
+        return None, ()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"search: expected a mapping with a space: and settings, got {short(raw)}")
+    settings = {k: v for k, v in raw.items() if k != "space"}
+    return parse(SearchConfig, settings, "search"), parse_space(raw.get("space"), base)
 
 
 def _refuse_own_seeds(variants: list[Variant]) -> None:

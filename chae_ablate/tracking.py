@@ -282,6 +282,11 @@ class CellRun:
         self.client.set_tag(self.run_id, "failure_reason", reason[:5000])
         self.client.set_terminated(self.run_id, "FAILED")
 
+    def prune(self, epoch: int) -> None:
+        """A search trial stopped by its pruner: KILLED, with the epoch it stopped after."""
+        self.client.set_tag(self.run_id, "pruned_at_epoch", str(epoch))
+        self.client.set_terminated(self.run_id, "KILLED")
+
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
         Metric, _ = _entities()
         now = int(time.time() * 1000)

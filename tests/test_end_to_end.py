@@ -42,7 +42,9 @@ def test_run_and_report_on_real_paintings(workdir):
     manifest = next((workdir / "runs" / "splits").glob("*.csv"))
     assert len(pd.read_csv(manifest)) == 3902
     text = (report / "report.md").read_text()
-    assert "depth1" in text and "one seed" in text.lower()
+    summary = pd.read_csv(report / "summary.csv").set_index("variant")
+    assert summary.loc["depth1", "verdict"] == "undecided" and summary.loc["depth1", "n_pairs"] == 1
+    assert "`depth1` n=1" in text and "--adaptive" in text  # one seed: undecided, and says how to decide
     for png in (report / "figures").glob("*.png"):
         with Image.open(png) as image:
             assert image.size[0] > 100 and image.getextrema() != ((255, 255),) * 3

@@ -32,7 +32,8 @@ RANDOM_CASES = 300
 SECONDS_PER_CASE = 5.0  # asserted; a case is interrupted after twice this
 MAX_RSS_GROWTH_MB = 500  # over the whole fuzz run, so no single case can exceed it either
 SHIPPED = {p.name: p.read_text() for p in sorted(STUDIES.glob("*.yaml"))}
-PLAN_FOOTER = re.compile(r"(\d+) variants x seeds = (\d+) cells, \d+ epochs each; classes: \d+ \(.*\)")
+PLAN_FOOTER = re.compile(r"(\d+) variants x seeds = (\d+|\d+ to \d+) cells( \(adaptive seeds\))?, \d+ epochs each; "
+                         r"classes: \d+ \(.*\)")
 
 
 # --- running one case -------------------------------------------------------------------------

@@ -1,0 +1,232 @@
+"""`chae-ablate search`: explore a study's knobs with Optuna, then re-test the best on fresh seeds.
+
+Three phases, each shared through the ledger so that `worker` processes on any machine join in
+and a rerun after kill -9 resumes: (1) the baseline is trained with the search's seeds (its curve
+is what the baseline pruner compares against); (2) trials are asked from the sampler until the
+budget of trained trials is used — combinations the builder rejects are recorded with their reason
+and do not count; a trial whose worker died is re-queued with the same knobs and resumes from its
+checkpoint; (3) the top-k configurations become variants of a confirmation study against the
+baseline, on fresh seeds, decided with adaptive seeds (analysis.py), so a search never reports its
+luckiest trial as a finding.
+"""
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .analysis import absolute_margin
+from .config import Knob
+from .errors import ChaeError, ConfigError
+from .ledger import OVER_BUDGET, REJECTED, SearchLedger, make_pruner, make_sampler
+from .runner import (CellError, CellPruned, EpochReporter, RunOptions, RunSummary, StudySession, Worker,
+                     check_runs_dir, child_device, open_session, run_study, set_threads)
+from .study import BASELINE, Cell, Study, Variant, cell_hash
+from .train import pick_device
+
+
+@dataclass
+class SearchSummary:
+    """What a search did: its trials, the confirmation study's run and the search report."""
+
+    name: str
+    trials: list[dict]
+    confirmation: RunSummary | None
+    report: Path | None = None
+
+
+def search_name(study: Study) -> str:
+    return f"{study.name}-search"
+
+
+def baseline_study(study: Study) -> Study:
+    """The search's baseline cells: the study's baseline with the search's seeds."""
+    config = replace(study.baseline.config, protocol=replace(study.baseline.config.protocol, seeds=study.search.seeds))
+    return Study(search_name(study), f"baseline of the search of {study.name}",
+                 (replace(study.baseline, config=config),), study.source, replace(study.analysis, adaptive=False))
+
+
+def run_search(study: Study, options: RunOptions, trials: int | None = None, report: bool = True,
+               joining: bool = False) -> SearchSummary:
+    """All three phases (see the module docstring); returns when the confirmation is decided.
+    joining: a `worker --search` process, whose sampler must not repeat the others' proposals."""
+    if study.search is None:
+        raise ChaeError(f"{study.source or study.name}: has no search: section (see studies/search-quickstart.yaml)")
+    check_runs_dir(options)
+    budget = trials or study.search.trials
+    device = pick_device(options.device)
+    base = baseline_study(study)
+    run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
+    session = open_session(base, options)
+    base_cells = base.cells()
+    curve = session.ledger.mean_curve(base_cells)
+    margin = absolute_margin(study.analysis, [c.metrics["best_val_loss"] for c in session.ledger.cell_states(base_cells)
+                                              if c.state == "COMPLETE"])
+    alone = options.workers <= 1 and not joining  # one searcher: a seeded, reproducible search
+    ledger = search_ledger(study, options, curve, margin, budget, study.search.seeds[0] if alone else None)
+    if options.workers > 1:
+        _search_children(study, options, curve, margin, budget)
+    else:
+        Searcher(study, base, options, device, session, ledger, budget).run()  # phase 2
+    confirm = confirmation_study(study, ledger)
+    confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
+    summary = SearchSummary(search_name(study), ledger.trials(), confirmation)
+    if report:
+        from .search_report import write_search_report
+        summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
+    return summary
+
+
+def search_ledger(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int,
+                  seed: int | None) -> SearchLedger:
+    return SearchLedger(f"{search_name(study)}-trials", options.storage_url,
+                        make_sampler(study.search.sampler, seed, budget),
+                        make_pruner(study.search.pruner, curve, margin, study.baseline.config.protocol.epochs),
+                        options.heartbeat_s, options.grace_s)
+
+
+def _search_children(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int) -> None:
+    """--workers N: N processes search at once (cores or GPUs divided as for `run`)."""
+    context = multiprocessing.get_context("spawn")
+    children = [context.Process(target=_search_child, args=(study, options, curve, margin, budget, i))
+                for i in range(options.workers)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join()
+    if any(child.exitcode for child in children):
+        raise ChaeError("a search worker process exited with an error; rerun to resume")
+
+
+def _search_child(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int,
+                  index: int) -> None:
+    device = child_device(options, index)
+    set_threads(options, options.workers)
+    options = replace(options, progress=False)
+    base = baseline_study(study)
+    ledger = search_ledger(study, options, curve, margin, budget, None)
+    Searcher(study, base, options, device, open_session(base, options), ledger, budget).run()
+
+
+class Searcher:
+    """Asks, trains and tells trials until the budget of trained trials is used, here and elsewhere."""
+
+    def __init__(self, study: Study, base: Study, options: RunOptions, device: torch.device,
+                 session: StudySession, ledger: SearchLedger, budget: int, poll_s: float = 2.0):
+        self.study, self.ledger, self.budget, self.poll_s = study, ledger, budget, poll_s
+        self.worker = Worker(base, options, device, session)  # MLflow runs and checkpoints under the search
+        self.rejected_limit = 20 * budget  # a space that is almost all invalid must still end
+        self.rng = random.Random(study.search.seeds[0])
+
+    def run(self) -> None:
+        rejected = 0
+        while True:
+            queued, running = self.ledger.pending()
+            if self.ledger.used() >= self.budget and not queued:
+                if not running:
+                    return
+                time.sleep(self.poll_s)  # others' trials may die and come back to the queue
+                continue
+            trial, params = self.ledger.ask(self.study.space)
+            try:
+                config = self.study.config_with(params, where=f"trial {trial.number}")
+            except ConfigError as err:
+                self.ledger.skip(trial, REJECTED, str(err))
+                rejected += 1
+                if rejected >= self.rejected_limit:
+                    raise ChaeError(f"search: {rejected} combinations in a row were rejected by the builder "
+                                    "(see the search report); narrow the space") from None
+                feasible = self.random_feasible()
+                if feasible is not None:
+                    self.ledger.propose(feasible)
+                continue
+            if not self.ledger.is_retry(trial) and self.ledger.used(before=trial.number) >= self.budget:
+                self.ledger.skip(trial, OVER_BUDGET, "the budget was used by other workers")
+                continue
+            self.ledger.accept(trial)
+            rejected = 0
+            with self.ledger.heartbeat(trial):
+                self.train_trial(trial, params, config)
+
+    def random_feasible(self, tries: int = 200) -> dict | None:
+        """A uniformly drawn combination the builder accepts (None if none turns up in `tries`)."""
+        for _ in range(tries):
+            params = {k.path: random_value(k, self.rng) for k in self.study.space}
+            try:
+                self.study.config_with(params)
+                return params
+            except ConfigError:
+                continue
+        return None
+
+    def train_trial(self, trial, params: dict, config) -> None:
+        """Train the trial's seeds; report the first seed's epochs to the pruner; tell the mean."""
+        variant = Variant(f"trial{trial.number}", json.dumps(params, default=str), dict(params), config)
+        values = []
+        for i, seed in enumerate(self.study.search.seeds):
+            cfg = replace(config, protocol=replace(config.protocol, seeds=(seed,)))
+            cell = Cell(variant, seed, cfg, cell_hash(cfg, seed))
+            first = i == 0  # the pruner judges the first seed's curve
+            reporter = EpochReporter(lambda epoch, loss: first and self.ledger.report(trial, epoch, loss),
+                                     lambda: set(self.ledger.frozen(trial).intermediate_values) if first else set())
+            try:
+                values.append(self.worker.train(cell, reporter)["best_val_loss"])
+            except CellPruned as pruned:
+                self.ledger.finish(trial, None, pruned_at=pruned.epoch)
+                return
+            except CellError as err:
+                self.ledger.fail(trial, f"cell {cell.label}: {err.reason}")
+                return
+        self.ledger.finish(trial, sum(values) / len(values))
+
+
+def random_value(knob: Knob, rng: random.Random):
+    """One uniform draw from a knob (log-uniform on a log range, on the step grid when stepped)."""
+    if knob.choices:
+        return rng.choice(knob.choices)
+    if knob.step is not None or knob.integer:
+        step = knob.step or 1
+        value = knob.low + step * rng.randrange(int((knob.high - knob.low) // step) + 1)
+        return int(value) if knob.integer else value
+    if knob.log:
+        return math.exp(rng.uniform(math.log(knob.low), math.log(knob.high)))
+    return rng.uniform(knob.low, knob.high)
+
+
+def top_configs(study: Study, ledger: SearchLedger) -> list[tuple[int, float, dict]]:
+    """(trial number, value, knobs) of the top-k finished trials, best first; ties by trial number."""
+    done = [t for t in ledger.trials() if t["state"] == "COMPLETE" and t["value"] is not None]
+    done.sort(key=lambda t: (t["value"], t["number"]))
+    out, seen = [], set()
+    for t in done:
+        key = json.dumps(t["params"], sort_keys=True, default=str)
+        if key not in seen:  # a re-run of the same knobs is not a second configuration
+            seen.add(key)
+            out.append((t["number"], t["value"], t["params"]))
+    return out[: study.search.top_k]
+
+
+def confirmation_study(study: Study, ledger: SearchLedger) -> Study | None:
+    """The top-k configurations as variants against the baseline, on fresh seeds, decided adaptively."""
+    seeds = (study.search.confirm_seed,)
+    def with_seeds(config):
+        return replace(config, protocol=replace(config.protocol, seeds=seeds))
+    variants = [replace(study.baseline, config=with_seeds(study.baseline.config))]
+    seen = {cell_hash(variants[0].config, 0)}
+    for rank, (number, value, params) in enumerate(top_configs(study, ledger), start=1):
+        config = with_seeds(study.config_with(params))
+        if cell_hash(config, 0) in seen:
+            continue  # the baseline itself, or a configuration already listed: nothing new to confirm
+        seen.add(cell_hash(config, 0))
+        knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        variants.append(Variant(f"top{rank}", f"trial {number} (search value {value:.4f}): {knobs}", dict(params), config))
+    if len(variants) == 1:
+        return None  # no finished trial, or only the baseline itself: nothing to confirm
+    return Study(f"{study.name}-confirm", f"confirmation of the search of {study.name}", tuple(variants),
+                 study.source, replace(study.analysis, adaptive=True))

@@ -1,0 +1,145 @@
+"""`chae-ablate search`: the space is validated like the rest of a study; a search keeps its budget
+exactly through kill -9, prunes hopeless trials against the baseline, counts rejected combinations,
+and ends with a confirmation on fresh seeds."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import optuna
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from chae_ablate.cli import app
+from chae_ablate.errors import ConfigError
+from chae_ablate.study import load_study, seed_sequence, study_from_dict
+
+from conftest import STUDIES
+
+
+def space(**knobs) -> dict:
+    return {"name": "s", "search": {"space": knobs}}
+
+
+@pytest.mark.parametrize("knobs, message", [
+    ({"model.transformer.dept": [1, 2]}, "search.space.model.transformer.dept: unknown key 'dept' (did you mean 'depth'?)"),
+    ({"model.conv.stages.9.kernel": [3]}, "search.space.model.conv.stages.9.kernel: no item '9'"),
+    ({"protocol.lr": {"low": 0.1, "high": 0.01}}, "search.space.protocol.lr: empty range (low 0.1 must be below high 0.01)"),
+    ({"protocol.lr": {"low": 0.0, "high": 0.01, "log": True}}, "search.space.protocol.lr.low: a log range needs low > 0"),
+    ({"protocol.lr": {"low": -1.0, "high": 0.01, "log": True}}, "search.space.protocol.lr.low: a log range needs low > 0"),
+    ({"model.transformer.depth": []}, "search.space.model.transformer.depth: empty list"),
+    ({"model.transformer.depth": {"lo": 1, "high": 3}}, "search.space.model.transformer.depth.lo: unknown key"),
+    ({"model.transformer.depth": [[1]]}, "is not a single value"),
+])
+def test_bad_spaces_are_one_line_errors_naming_the_field(knobs, message):
+    with pytest.raises(ConfigError) as err:
+        study_from_dict(space(**knobs), {})
+    assert str(err.value).startswith(message) or message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_search_settings_are_validated():
+    for settings, message in [({"sampler": "cmaes"}, "search.sampler: 'cmaes' is not one of tpe, gp, random"),
+                              ({"trials": 0}, "search.trials: 0 must be > 0"),
+                              ({"confirm_seed": 0, "seeds": [0, 1]}, "search.confirm_seed: 0 must be above")]:
+        raw = space(**{"protocol.lr": [0.001, 0.01]})
+        raw["search"].update(settings)
+        with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("(", r"\(")):
+            study_from_dict(raw, {})
+
+
+def test_the_shipped_search_study_and_fresh_confirmation_seeds():
+    study = load_study(STUDIES / "search-quickstart.yaml")
+    assert [k.path for k in study.space] == ["model.transformer.depth", "model.transformer.heads",
+                                              "model.transformer.dim", "model.conv.stages.0.kernel", "protocol.lr"]
+    assert study.space[3].integer and study.space[4].log and not study.space[4].integer
+    with pytest.raises(ConfigError, match="heads: 3 does not divide dim 64"):
+        study.config_with({"model.transformer.heads": 3, "model.transformer.dim": 64})
+    assert seed_sequence([1000], 4) == [1000, 1001, 1002, 1003]  # never a search seed
+    assert seed_sequence([0, 1, 2], 5) == [0, 1, 2, 3, 4]
+
+
+SEARCH = """
+base: {quickstart}
+name: tinysearch
+variants: {{{drops}}}
+model: {{resolution: 16}}
+protocol: {{epochs: 3}}
+analysis: {{min_seeds: 2, max_seeds: 3, margin: 0.5, relative: false}}
+search:
+  trials: 6
+  top_k: 2
+  seeds: [0]
+  space:
+    protocol.lr: [1.0e-7, 1.0e-3, 3.0e-3]        # 1e-7 is hopeless: pruned after its first epoch
+    model.transformer.heads: [3, 4, 2]            # 3 does not divide dim 128: rejected (the baseline has 8)
+"""
+
+
+def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+@pytest.mark.slow
+def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tmp_path):
+    drops = ", ".join(f"{v.name}: null" for v in load_study(STUDIES / "quickstart.yaml").variants[1:])
+    (tmp_path / "s.yaml").write_text(SEARCH.format(quickstart=STUDIES / "quickstart.yaml", drops=drops))
+    victim = cli("search", "s.yaml", "--no-progress", cwd=tmp_path, start_new_session=True)
+    storage = f"sqlite:///{tmp_path}/runs/optuna.db"
+    deadline = time.time() + 600
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            trials = optuna.load_study(study_name="tinysearch-search-trials", storage=storage).get_trials()
+        except Exception:  # not created yet
+            trials = []
+        if sum(t.state.is_finished() and t.user_attrs.get("outcome") == "trained" for t in trials) >= 2 and any(
+                t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("outcome") == "trained" for t in trials):
+            break
+        time.sleep(0.2)
+    assert victim.poll() is None, victim.communicate()[0]
+    os.killpg(victim.pid, signal.SIGKILL)  # mid-trial
+    victim.wait()
+
+    out, _ = cli("search", "s.yaml", "--no-progress", "--grace", "3", cwd=tmp_path).communicate(timeout=900)
+    assert "search report: reports/tinysearch-search/report.md" in out, out
+    trials = pd.read_csv(tmp_path / "reports" / "tinysearch-search" / "trials.csv")
+    budget = trials[trials["state"].isin(["COMPLETE", "PRUNED"])]
+    assert len(budget) == 6  # exactly the budget, though a trial was killed mid-way
+    killed = trials[(trials["state"] == "FAIL") & trials["reason"].isna()]
+    assert len(killed) == 1 and killed["trial"].iloc[0] in set(trials["retry_of"].dropna().astype(int))
+    hopeless = trials[trials["protocol.lr"] == 1e-7]
+    assert len(hopeless) and (hopeless["state"] == "PRUNED").all()
+    assert (hopeless["pruned_at_epoch"] < 3).all()  # before their last epoch
+    rejected = trials[trials["state"] == "REJECTED"]
+    assert (rejected["model.transformer.heads"] == 3).all()
+    assert rejected["reason"].str.contains("does not divide dim").all()
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tinysearch-search").experiment_id],
+                              "tags.`chae.role` = 'cell'")
+    trial_runs = [r for r in runs if r.data.tags["variant"].startswith("trial")]
+    names = [r.data.tags["variant"] for r in trial_runs]
+    assert len(names) == len(set(names))  # no trial ran twice (the killed one's run was continued)
+    configs = {tuple(sorted((k, str(v)) for k, v in row.items() if "." in k)) for _, row in budget.iterrows()}
+    assert len({r.data.tags["cell_hash"] for r in trial_runs}) == len(configs)  # every trained config has a run
+
+    report = (tmp_path / "reports" / "tinysearch-search" / "report.md").read_text()
+    assert "## Which knobs mattered" in report and "## Confirmation on fresh seeds" in report
+    confirm = pd.read_csv(tmp_path / "reports" / "tinysearch-confirm" / "summary.csv")
+    assert confirm["variant"].tolist()[0] == "baseline" and 2 <= len(confirm) <= 3
+    cells = pd.read_csv(tmp_path / "reports" / "tinysearch-confirm" / "results.csv")
+    assert cells["seed"].min() >= 1000  # fresh seeds
+
+
+def test_search_without_a_search_section_is_one_line(tmp_path):
+    result = CliRunner().invoke(app, ["search", str(STUDIES / "synthetic-tiny.yaml")])
+    assert result.exit_code == 1 and "has no search: section" in result.output
