@@ -61,21 +61,20 @@ def fig_importances(importances: dict[str, float]) -> Figure:
     return fig
 
 
-def fig_slices(table: pd.DataFrame, knobs: list[str]) -> Figure:
-    """Value against each knob, one panel per knob (finished trials)."""
+def fig_slices(table: pd.DataFrame, knobs: list) -> Figure:
+    """Value against each knob (a config.Knob), one panel per knob (finished trials)."""
     cols = min(3, max(1, len(knobs)))
     rows = -(-max(1, len(knobs)) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     done = table[table["state"] == "COMPLETE"]
     for ax, knob in zip(axes, knobs):
-        values = done[knob]
+        values = done[knob.path] if knob.path in done else pd.Series(dtype=float)
         numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        x = values if numeric else values.astype(str)
-        ax.scatter(x, done["value"], c=done["trial"], cmap="viridis", s=24)
-        if numeric and values.gt(0).all() and values.max() / max(values.min(), 1e-300) > 50:
+        ax.scatter(values if numeric else values.astype(str), done["value"], c=done["trial"], cmap="viridis", s=24)
+        if knob.log:
             ax.set_xscale("log")
-        ax.set(xlabel=knob, ylabel="value", title=knob)
+        ax.set(xlabel=knob.path, ylabel="value", title=knob.path)
     for ax in axes[len(knobs):]:
         ax.set_visible(False)
     fig.suptitle("Slices: value against each knob (colour = trial number)")
@@ -88,14 +87,13 @@ def write_search_report(study, summary, importances: dict[str, float], curve: di
     out = Path(out_dir) if out_dir is not None else inside(Path("reports"), summary.name)
     (out / "figures").mkdir(parents=True, exist_ok=True)
     table = trials_table(summary.trials)
-    knobs = [k.path for k in study.space]
     table.to_csv(out / "trials.csv", index=False)
-    figures = [("history.png", fig_history(table), "Each trained trial's value and the best so far; x: pruned."),
-               ("importances.png", fig_importances(importances), "fANOVA importance of each knob."),
-               ("slices.png", fig_slices(table, knobs), "Value against each knob.")]
     with sns.axes_style("whitegrid"):
-        for name, fig, _ in figures:
-            fig.savefig(out / "figures" / name, dpi=DPI)
+        figures = [("history.png", fig_history(table), "Each trained trial's value and the best so far; x: pruned."),
+                   ("importances.png", fig_importances(importances), "fANOVA importance of each knob."),
+                   ("slices.png", fig_slices(table, list(study.space)), "Value against each knob.")]
+    for name, fig, _ in figures:
+        fig.savefig(out / "figures" / name, dpi=DPI)
     blocks = _blocks(study, summary, table, importances, curve, margin,
                      [(f"figures/{name}", caption) for name, _, caption in figures])
     atomic_write_text(out / "report.html", render_html(blocks, out))
