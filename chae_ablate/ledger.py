@@ -29,6 +29,10 @@ from .config import Knob
 from .study import Cell
 
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
+# our own threads record heartbeats for trials run outside Study.optimize (Claim, SearchLedger)
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def _internals(study: optuna.Study, trial: Trial | FrozenTrial | None = None) -> tuple[BaseStorage, int | None]:
@@ -114,10 +118,6 @@ def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) ->
     file lock for sqlite, retried on a schema race for a server), with heartbeats; a trial whose
     worker died is failed after `grace_s` and re-queued with the same params and attributes.
     kwargs go to optuna.create_study (sampler, pruner)."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    # our own threads record heartbeats for trials run outside Study.optimize (Claim, SearchLedger)
-    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     parsed = storage_url(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
     lock = nullcontext()
