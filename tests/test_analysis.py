@@ -192,7 +192,7 @@ def test_adaptive_study_draws_every_variant_from_one_seed_sequence():
     assert fixed == {(c.variant.name, c.seed): c.hash for c in cells if c.seed < 2}
     drawn = load_study(STUDIES / "synthetic-tiny.yaml",
                        {"analysis.adaptive": True, "analysis.max_seeds": 5, "protocol.seeds": [5, 2]})
-    assert drawn.seeds(drawn.baseline) == [5, 2, 0, 1, 3]  # listed seeds first, then the smallest unused
+    assert drawn.seeds(drawn.baseline) == [5, 2, 6, 7, 8]  # listed seeds first, then those after the largest
 
 
 def test_vary_split_gives_each_seed_its_own_split():
