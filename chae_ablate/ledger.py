@@ -12,7 +12,8 @@ import importlib.util
 import threading
 import time
 import warnings
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -252,17 +253,32 @@ class Claim:
         storage, trial_id = _internals(self.ledger.study, self.trial)
         return set(storage.get_trial(trial_id).intermediate_values)
 
+    # A worker whose heartbeats were late (a machine under heavy load) may find its trial already
+    # failed as stale and re-queued: the cell is someone else's now (resuming from the same
+    # checkpoint, to the same result), so these calls then record nothing instead of raising.
+
     def report(self, epoch: int, val_loss: float) -> None:
-        retrying(self.trial.report, val_loss, epoch)
+        with _unless_taken_over():
+            retrying(self.trial.report, val_loss, epoch)
 
     def complete(self, summary: dict[str, float]) -> None:
-        for key, value in summary.items():
-            retrying(self.trial.set_user_attr, key, value)
-        retrying(self.ledger.study.tell, self.trial, summary["best_val_loss"])
+        with _unless_taken_over():
+            for key, value in summary.items():
+                retrying(self.trial.set_user_attr, key, value)
+            retrying(self.ledger.study.tell, self.trial, summary["best_val_loss"])
 
     def fail(self, reason: str) -> None:
-        retrying(self.trial.set_user_attr, "failure_reason", reason[:2000])
-        retrying(self.ledger.study.tell, self.trial, state=TrialState.FAIL)
+        with _unless_taken_over():
+            retrying(self.trial.set_user_attr, "failure_reason", reason[:2000])
+            retrying(self.ledger.study.tell, self.trial, state=TrialState.FAIL)
+
+
+@contextmanager
+def _unless_taken_over() -> Iterator[None]:
+    try:
+        yield
+    except optuna.exceptions.UpdateFinishedTrialError:
+        pass
 
 
 class Heartbeat:

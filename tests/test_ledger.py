@@ -50,3 +50,18 @@ def test_queue_claim_complete_and_states(tmp_path):
     assert ledger.queue(cells, retry_failed=False) == 0  # a running study does not retry
     assert ledger.queue(cells) == 1  # a rerun does
     assert ledger.progress({c.hash for c in cells}) == (1, 0, 4)
+
+
+def test_a_claim_taken_over_after_late_heartbeats_records_nothing(tmp_path):
+    """Under heavy load a live worker's heartbeats can be late: its trial is failed as stale and
+    re-queued. The worker finishing later must not crash (it crashed a --workers 2 run in CI)."""
+    study = load_study(STUDIES / "synthetic-tiny.yaml")
+    ledger = Ledger(study.name, f"sqlite:///{tmp_path / 'o.db'}")
+    ledger.queue(study.cells())
+    claim = ledger.claim()
+    ledger.study.tell(claim.trial, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does
+    claim.report(1, 0.9)
+    claim.complete({"best_val_loss": 0.5})
+    claim.fail("late")
+    state = {c.cell_hash: c for c in ledger.cell_states(study.cells())}[claim.cell_hash]
+    assert state.state == "FAIL" and state.failure_reason == ""
