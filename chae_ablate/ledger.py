@@ -121,11 +121,9 @@ def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) ->
     kwargs go to optuna.create_study (sampler, pruner)."""
     parsed = storage_url(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
-    lock = nullcontext()
+    lock = writer_lock(url)  # sqlite: processes create tables in turn
     if parsed.get_backend_name() == "sqlite" and parsed.database:
-        database = Path(parsed.database)
-        database.parent.mkdir(parents=True, exist_ok=True)
-        lock = file_lock(database.with_name(f".{database.name}.lock"))  # processes create tables in turn
+        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
     elif parsed.get_backend_name() == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
@@ -146,12 +144,24 @@ def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) ->
         raise ChaeError(f"--storage {shown(url)}: cannot open the Optuna storage ({reason})") from None
 
 
+def writer_lock(url: str):
+    """A context manager that makes a read-check-write on the storage atomic across processes.
+    Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which PostgreSQL honours and sqlite
+    ignores (two processes both read WAITING and both won the same trial: one cell trained twice);
+    for sqlite this is an exclusive lock on a file beside the database, else nothing."""
+    parsed = storage_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database:
+        database = Path(parsed.database)
+        return file_lock(database.with_name(f".{database.name}.lock"))
+    return nullcontext()
+
+
 class Ledger:
     """The Optuna study that queues one ablation study's cells."""
 
     def __init__(self, study_name: str, url: str, heartbeat_s: int = 5, grace_s: int = 15):
         self.study = open_study(study_name, url, heartbeat_s, grace_s)
-        self.name = study_name
+        self.name, self.url = study_name, url
 
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
@@ -172,13 +182,14 @@ class Ledger:
         """Atomically move one WAITING trial to RUNNING (as Study.ask does, but never samples a
         new one); stale trials of dead workers are re-queued first."""
         fail_stale_trials(self.study)
-        for frozen in self.trials(states=(TrialState.WAITING,)):
-            storage, trial_id = _internals(self.study, frozen)
-            try:
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    return Claim(self, Trial(self.study, trial_id))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                continue
+        with writer_lock(self.url):
+            for frozen in self.trials(states=(TrialState.WAITING,)):
+                storage, trial_id = _internals(self.study, frozen)
+                try:
+                    if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                        return Claim(self, Trial(self.study, trial_id))
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    continue
         return None
 
     def others_active(self) -> bool:
@@ -360,11 +371,12 @@ class SearchLedger:
     def __init__(self, name: str, url: str, sampler: optuna.samplers.BaseSampler,
                  pruner: optuna.pruners.BasePruner, heartbeat_s: int = 5, grace_s: int = 15):
         self.study = open_study(name, url, heartbeat_s, grace_s, sampler=sampler, pruner=pruner)
-        self.heartbeat_s = heartbeat_s
+        self.heartbeat_s, self.url = heartbeat_s, url
 
     def ask(self, knobs: tuple[Knob, ...]) -> tuple[Trial, dict]:
         """A new trial (a dead worker's trial, re-queued with its params, comes first) and its knobs."""
-        trial = retrying(self.study.ask)
+        with writer_lock(self.url):  # ask pops a re-queued trial: the same race as Ledger.claim
+            trial = retrying(self.study.ask)
         params = {}
         for knob in knobs:
             if knob.choices:

@@ -65,3 +65,30 @@ def test_a_claim_taken_over_after_late_heartbeats_records_nothing(tmp_path):
     claim.fail("late")
     state = {c.cell_hash: c for c in ledger.cell_states(study.cells())}[claim.cell_hash]
     assert state.state == "FAIL" and state.failure_reason == ""
+
+
+def _claim_all(url: str, out) -> None:
+    study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
+    ledger = Ledger(study.name, url)
+    while (claim := ledger.claim()) is not None:
+        out.put(claim.trial.number)
+
+
+def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path):
+    """sqlite ignores SELECT ... FOR UPDATE: without the writer lock two processes both read a
+    trial as WAITING and both claimed it (one cell trained twice in a --workers 2 CI run)."""
+    import multiprocessing
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
+    Ledger(study.name, url).queue(study.cells())
+    context = multiprocessing.get_context("spawn")
+    out = context.Queue()
+    workers = [context.Process(target=_claim_all, args=(url, out)) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    claimed = []
+    while not out.empty():
+        claimed.append(out.get())
+    assert sorted(claimed) == list(range(60))  # every cell claimed exactly once
