@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from chae_ablate import train
@@ -19,9 +20,9 @@ from chae_ablate.cli import app
 from chae_ablate.errors import ChaeError
 from chae_ablate.files import inside
 from chae_ablate.runner import RunOptions, checkpoint_dir, run_study
-from chae_ablate.study import load_study
+from chae_ablate.study import load_study, study_from_dict
 
-from conftest import STUDIES
+from conftest import STUDIES, slow_study
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 cli = CliRunner()
@@ -172,9 +173,11 @@ def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
 
 
 def test_cell_runs_carry_mlflow_system_metrics(workdir, monkeypatch):
-    monkeypatch.setattr("chae_ablate.tracking.SYSTEM_METRICS_S", 0.2)  # the cells last about a second
-    run_study(one_cell_study(), RunOptions(progress=False), report=False)
+    monkeypatch.setattr("chae_ablate.tracking.SYSTEM_METRICS_S", 0.2)  # the slow study's cells last seconds
+    raw = yaml.safe_load(slow_study("sysmetrics"))
+    raw["variants"] = {}
+    run_study(study_from_dict(raw, {}), RunOptions(progress=False), report=False)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
-    exp = client.get_experiment_by_name("synthetic-tiny")
+    exp = client.get_experiment_by_name("sysmetrics")
     run = client.search_runs([exp.experiment_id], "tags.variant = 'baseline'")[0]
     assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
