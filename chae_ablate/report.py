@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats
-from .analysis import LOWER_IS_BETTER, Outcome, analyse
+from .analysis import LOWER_IS_BETTER, Outcome, analyse, planned_looks
 from .config import AnalysisConfig, parse
 from .errors import ChaeError
 from .figures import write_report_figures
@@ -238,14 +238,10 @@ def _seeds_table(summary: pd.DataFrame, analysis: AnalysisConfig, outcome: Outco
                        f"{analysis.max_seeds}) only where the verdict is undecided.")
     used, full = int(summary["n_needed"].sum()), analysis.max_seeds * len(summary)
     per_cell = float(np.nanmean(summary["wall_time_s_mean"])) if summary["wall_time_s_mean"].notna().any() else math.nan
-    return table, (f"Adaptive seeding: looks at {', '.join(map(str, planned(analysis)))} seeds (K = {outcome.n_looks}). "
+    return table, (f"Adaptive seeding: looks at {', '.join(map(str, planned_looks(analysis, 0)))} seeds (K = {outcome.n_looks}). "
                    f"{used} cells ran, against {full} with {analysis.max_seeds} seeds everywhere: "
                    f"{full - used} cells saved ({(full - used) / full:.0%}), about "
                    f"{_num((full - used) * per_cell / 60, '.1f')} minutes of training at this study's mean cell time.")
-
-
-def planned(analysis: AnalysisConfig) -> list[int]:
-    return stats.looks(analysis.min_seeds, analysis.max_seeds, analysis.step)
 
 
 def _cost_table(summary: pd.DataFrame) -> pd.DataFrame:

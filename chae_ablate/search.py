@@ -27,7 +27,7 @@ from .errors import ChaeError, ConfigError
 from .ledger import OVER_BUDGET, REJECTED, SearchLedger, make_pruner, make_sampler
 from .runner import (CellError, CellPruned, EpochReporter, RunOptions, RunSummary, StudySession, Worker,
                      check_runs_dir, child_device, open_session, run_study, set_threads)
-from .study import BASELINE, Cell, Study, Variant, cell_hash
+from .study import Cell, Study, Variant, cell_hash
 from .train import pick_device
 
 

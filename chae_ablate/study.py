@@ -69,10 +69,7 @@ class Study:
 
     def config_with(self, overrides: dict[str, Any], where: str = "trial") -> ExperimentConfig:
         """The baseline with dotted-path overrides, validated (ConfigError when the builder rejects it)."""
-        data = copy.deepcopy(self.base_data)
-        for dotted, value in overrides.items():
-            set_dotted(data, dotted, value, prefix=f"{where}.")
-        return parse(ExperimentConfig, data, where)
+        return parse(ExperimentConfig, with_overrides(self.base_data, overrides, where), where)
 
     @property
     def baseline(self) -> Variant:
@@ -351,9 +348,7 @@ def _variant(name: Any, spec: Any, base: dict) -> Variant:
     for key in spec:
         if key not in VARIANT_KEYS:
             raise ConfigError(f"{where}.{key_text(key)}: unknown key{did_you_mean(str(key), VARIANT_KEYS)}")
-    resolved = copy.deepcopy(base)
-    for dotted, value in spec["set"].items():
-        set_dotted(resolved, dotted, value, prefix=f"{where}.")
+    resolved = with_overrides(base, spec["set"], where)
     _refuse_overlaps(list(spec["set"]), f"{where}.set")
     config = parse(ExperimentConfig, resolved, where)
     return Variant(name, _text(spec.get("description", ""), f"{where}.description"), dict(spec["set"]), config)
@@ -395,6 +390,15 @@ def _refuse_overlaps(paths: list[str], where: str) -> None:
         if b[: len(a)] == a:
             a, b = (".".join(map(key_text, p)) for p in (a, b))
             raise ConfigError(f"{where}: {a} and {b} overlap; set one or the other")
+
+
+def with_overrides(base: dict, overrides: dict, where: str) -> dict:
+    """A copy of the baseline's plain data with dotted-path overrides set (not yet validated):
+    what a variant's set: and a search trial's knobs both resolve through."""
+    data = copy.deepcopy(base)
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value, prefix=f"{where}.")
+    return data
 
 
 def set_dotted(tree: dict, dotted: Any, value: Any, prefix: str = "") -> None:
