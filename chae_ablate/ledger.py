@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import importlib.util
 import threading
-import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -24,6 +23,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import URL, make_url
 
 from .errors import ChaeError
+from .errors import retrying as _retrying
 from .files import file_lock
 from .metrics import SUMMARY_METRICS
 from .config import Knob
@@ -83,15 +83,8 @@ def lost_ledger(err: BaseException) -> str | None:
 
 
 def retrying(call, *args, transient=lost_connection, attempts: int = 5, **kwargs):
-    """call(*args, **kwargs), retried after 1, 2, 4, 8 s while transient(error): by default a
-    database connection lost for a moment."""
-    for attempt in range(attempts):
-        try:
-            return call(*args, **kwargs)
-        except Exception as err:
-            if attempt == attempts - 1 or not transient(err):
-                raise
-            time.sleep(2 ** attempt)
+    """errors.retrying, by default while the database connection is lost for a moment."""
+    return _retrying(call, *args, transient=transient, attempts=attempts, **kwargs)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from .config import to_dict
-from .errors import ChaeError
+from .errors import ChaeError, retrying
 from .files import file_lock
 from .metrics import EPOCH_METRICS, SUMMARY_METRICS
 from .provenance import git_state
@@ -101,6 +101,14 @@ def lost_server(err: Exception) -> str | None:
 
 
 @cache
+def lost_insert_race(err: Exception) -> bool:
+    """MLflow's store inserts a dataset row after finding none, so workers that log the same dataset
+    at once race: the loser's insert breaks the unique key (sqlite or PostgreSQL wording, raw or
+    relayed by a server as BAD_REQUEST). Trying again finds the row."""
+    text = str(err)
+    return "UNIQUE constraint failed" in text or "duplicate key value violates unique constraint" in text
+
+
 def source_tags() -> dict[str, str]:
     """git commit and dirty flag of the working directory, torch/CUDA versions."""
     import torch
@@ -249,7 +257,8 @@ class CellRun:
         digest = hashlib.sha256(Path(data.manifest).read_bytes()).hexdigest()[:16]
         dataset = Dataset(name=name, digest=digest, source_type="local" if source.source == "folder" else "code",
                           source=where)
-        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])])
+        retrying(self.client.log_inputs, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])],
+                 transient=lost_insert_race, attempts=4)
 
     @contextmanager
     def system_metrics(self, interval_s: float | None = None) -> Iterator[None]:

@@ -145,6 +145,49 @@ def test_a_log_gets_one_line_per_cell_and_the_ui_link(workdir):
     assert len(inputs) == 1 and inputs[0].dataset.name == "synthetic" and len(inputs[0].dataset.digest) == 16
 
 
+
+# What a tracking server relayed when two workers logged the same new dataset at once (CI, sqlite backend)
+DATASET_RACE = ("BAD_REQUEST: (sqlite3.IntegrityError) UNIQUE constraint failed: datasets.experiment_id, "
+                "datasets.name, datasets.digest")
+
+
+def test_a_dataset_logged_by_a_racing_worker_first_is_not_a_failed_cell(workdir, monkeypatch):
+    """The loser of MLflow's dataset get-or-create race tries again and finds the row: before, its
+    cell failed (and was trained again by the next worker to start)."""
+    real, calls = mlflow.tracking.MlflowClient.log_inputs, []
+
+    def racing(self, run_id, datasets=None, *args, **kwargs):
+        calls.append(run_id)
+        if len(calls) == 1:  # the other worker's row lands between our lookup and our insert
+            real(self, run_id, datasets, *args, **kwargs)
+            raise mlflow.exceptions.RestException({"error_code": "BAD_REQUEST", "message": DATASET_RACE})
+        return real(self, run_id, datasets, *args, **kwargs)
+    monkeypatch.setattr(mlflow.tracking.MlflowClient, "log_inputs", racing)
+    result = cli.invoke(app, ["run", str(TINY), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "did not finish" not in result.output
+    assert calls[0] == calls[1] and len(calls) == 5  # the first cell's call was repeated, once
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
+    runs = client.search_runs([client.get_experiment_by_name("synthetic-tiny").experiment_id], "tags.`chae.role` = 'cell'")
+    assert len(runs) == 4 and all(r.info.status == "FINISHED" for r in runs)
+    assert all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+
+
+def test_only_a_unique_key_race_is_tried_again():
+    from chae_ablate.errors import retrying
+    from chae_ablate.tracking import lost_insert_race
+    assert lost_insert_race(Exception(DATASET_RACE))
+    assert lost_insert_race(Exception('(psycopg2.errors.UniqueViolation) duplicate key value violates unique '
+                                      'constraint "uq_dataset"'))
+    calls = []
+
+    def refused():
+        calls.append(1)
+        raise mlflow.exceptions.RestException({"error_code": "BAD_REQUEST", "message": "Invalid dataset digest"})
+    with pytest.raises(mlflow.exceptions.RestException, match="digest"):
+        retrying(refused, transient=lost_insert_race)
+    assert len(calls) == 1
+
 def _cli(*args: str, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "TQDM_DISABLE": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
