@@ -104,13 +104,14 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
                         "rerun the same command to retry")
 
 
-def _cells_text(cells) -> str:
-    """Per cell: variant, seed, state, best validation loss, test accuracy."""
+def _cells_text(cells, worker: bool = False) -> str:
+    """Per cell: variant, seed, state, best validation loss, test accuracy (and who holds it)."""
     def num(v, spec):
         return "" if v is None or v != v else format(v, spec)
-    rows = [("variant", "seed", "state", "best_val_loss", "test_acc")]
-    rows += [(c.variant, str(c.seed), c.state, num(c.best_val_loss, ".4f"), num(c.test_acc, ".3f")) for c in cells]
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    rows = [("variant", "seed", "state", "best_val_loss", "test_acc") + (("worker",) if worker else ())]
+    rows += [(c.variant, str(c.seed), c.state, num(c.best_val_loss, ".4f"), num(c.test_acc, ".3f"))
+             + ((c.worker if c.state == "RUNNING" else "",) if worker else ()) for c in cells]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
@@ -157,6 +158,53 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
         typer.echo(confirm.verdicts)
         typer.echo(f"confirmation report: {confirm.report}")
     typer.echo(f"search report: {summary.report}")
+
+
+@app.command()
+@clean_errors
+def status(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
+           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = Path("runs")) -> None:
+    """Cells done / running / queued / failed, and which worker holds each running cell."""
+    from .runner import RunOptions, study_status
+    cells = study_status(_load(study, set_, epochs, seeds, adaptive), RunOptions(storage=storage, runs_dir=runs_dir))
+    typer.echo(_cells_text(cells, worker=True))
+    counts = {state: sum(c.state == state for c in cells) for state in ("COMPLETE", "RUNNING", "WAITING", "FAIL", "MISSING")}
+    typer.echo(f"{counts['COMPLETE']} done, {counts['RUNNING']} running, {counts['WAITING']} queued, "
+               f"{counts['FAIL']} failed, {counts['MISSING']} not queued yet, of {len(cells)} cells")
+
+
+@app.command()
+@clean_errors
+def submit(study: StudyArg,
+           slurm: Annotated[bool, typer.Option("--slurm", help="Submit to SLURM (the one scheduler supported)")] = False,
+           array: Annotated[int, typer.Option(min=1, help="Tasks (workers) in the job array")] = 2,
+           partition: Annotated[Optional[str], typer.Option(help="sbatch --partition")] = None,
+           gpus_per_task: Annotated[int, typer.Option(min=0, help="sbatch --gpus-per-task (0: CPU tasks)")] = 1,
+           cpus_per_task: Annotated[int, typer.Option(min=1, help="sbatch --cpus-per-task; the worker's torch threads")] = 8,
+           time: Annotated[str, typer.Option(help="sbatch --time per task (requeued on timeout), e.g. 4:00:00")] = "4:00:00",
+           account: Annotated[Optional[str], typer.Option(help="sbatch --account")] = None,
+           mem_gb: Annotated[Optional[int], typer.Option(min=1, help="sbatch --mem, in GB")] = None,
+           setup: Annotated[Optional[list[str]], typer.Option(help="Shell line run before each task, "
+                                                                    "e.g. 'module load cuda'")] = None,
+           join_search: Annotated[bool, typer.Option("--search", help="Submit the study's search instead")] = False,
+           storage: Annotated[Optional[str], typer.Option(help="Ledger shared by the tasks (default: "
+                                                          "journal:RUNS_DIR/ledger.journal)")] = None,
+           set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False,
+           runs_dir: Annotated[Path, typer.Option(help="Shared by every node: checkpoints, ledger, logs")] = Path("runs"),
+           compile: CompileOpt = False, heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15) -> None:
+    """Train a study (or its search) on a SLURM job array of workers sharing one ledger."""
+    from .cluster import SlurmOptions, submit as submit_array
+    from .runner import RunOptions
+    if not slurm:
+        raise ChaeError("submit: say where, e.g. --slurm (the one scheduler supported)")
+    loaded = _load(study, set_, epochs, seeds, adaptive)
+    options = RunOptions(storage=storage, runs_dir=runs_dir, compile=compile, heartbeat_s=heartbeat, grace_s=grace)
+    job = submit_array(loaded, options, SlurmOptions(array=array, partition=partition, gpus_per_task=gpus_per_task,
+                                                     cpus_per_task=cpus_per_task, time=time, account=account,
+                                                     mem_gb=mem_gb, setup=tuple(setup or ())), join_search)
+    typer.echo(f"submitted job array {job.job_id} ({job.tasks} tasks, {job.job_id}_0 .. {job.job_id}_{job.tasks - 1})")
+    typer.echo(f"watch:  squeue -j {job.job_id}   and   chae-ablate status {study} --storage {job.storage}")
+    typer.echo(f"logs:   {job.logs}/{job.job_id}_*/   stop: scancel {job.job_id}")
 
 
 @app.command()

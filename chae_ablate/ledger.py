@@ -1,15 +1,25 @@
-"""The ledger: Optuna's RDB storage as the queue and record of a study's cells.
+"""The ledger: an Optuna storage as the queue and record of a study's cells.
 
 One Optuna study per ablation study and one enqueued trial per cell (user attributes variant,
-seed, cell_hash). Workers — in this process, in child processes or on other machines — claim
-WAITING trials atomically, so no cell runs twice. A claimed trial carries a heartbeat: a worker
-killed mid-cell goes stale, its trial is failed and re-queued (RetryHeartbeatStaleTrialCallback),
-and the next worker resumes the cell from its checkpoint. Only this module imports optuna.
+seed, cell_hash, and the worker that holds it). Workers — in this process, in child processes or on
+other machines — claim WAITING trials atomically, so no cell runs twice. A claimed trial carries a
+heartbeat: a worker killed mid-cell goes stale, its trial is failed and re-queued
+(RetryHeartbeatStaleTrialCallback), and the next worker resumes the cell from its checkpoint.
+
+Storages: an RDB URL (sqlite, PostgreSQL), whose heartbeats Optuna keeps, or `journal:PATH`,
+Optuna's journal file on a shared filesystem (a cluster without a database server). The journal
+storage has no heartbeats, so a claimed trial there carries a lease instead: the time its worker
+last wrote (user attribute LEASE), renewed as often as a heartbeat and judged with the same grace
+period, by the wall clock of the worker that looks (cluster nodes keep theirs in step with NTP).
+Only this module imports optuna.
 """
 from __future__ import annotations
 
 import importlib.util
+import os
+import socket
 import threading
+import time
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -18,7 +28,9 @@ from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import BaseStorage, RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages import (BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback,
+                             fail_stale_trials)
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import URL, make_url
 
@@ -30,6 +42,8 @@ from .config import Knob
 from .study import Cell
 
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
+JOURNAL = "journal:"  # --storage journal:PATH, Optuna's journal file
+LEASE = "lease_at"  # journal storage: when the worker holding a trial last proved itself alive
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
 # our own threads record heartbeats for trials run outside Study.optimize (Claim, SearchLedger)
@@ -42,6 +56,16 @@ def _internals(study: optuna.Study, trial: Trial | FrozenTrial | None = None) ->
     Claiming a WAITING trial without sampling a new one and recording heartbeats need them;
     tests/test_ledger.py fails loudly if a new Optuna renames them."""
     return study._storage, (trial._trial_id if trial is not None else None)
+
+
+def journal_file(url: str) -> Path | None:
+    """The file of a `journal:PATH` storage (relative to the working directory), else None."""
+    if not url.startswith(JOURNAL):
+        return None
+    path = url[len(JOURNAL):]
+    if not path or path.endswith("/"):
+        raise ChaeError(f"--storage {url}: expected a file after journal:, e.g. journal:runs/ledger.journal")
+    return Path(path).expanduser().resolve()
 
 
 def storage_url(url: str) -> URL:
@@ -60,6 +84,8 @@ def storage_url(url: str) -> URL:
 
 def shown(url: str | URL) -> str:
     """The URL with its password masked, for messages."""
+    if isinstance(url, str) and url.startswith(JOURNAL):
+        return url
     try:
         return (url if isinstance(url, URL) else make_url(url)).render_as_string(hide_password=True)
     except Exception:
@@ -97,6 +123,7 @@ class CellState:
     state: str  # COMPLETE | RUNNING | WAITING | FAIL | MISSING
     metrics: dict[str, float]  # the summary metrics of a COMPLETE cell, else {}
     failure_reason: str
+    worker: str = ""  # who holds (RUNNING) or last held the cell: host:pid, and its SLURM task
 
     @property
     def best_val_loss(self) -> float | None:
@@ -108,10 +135,23 @@ class CellState:
 
 
 def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) -> optuna.Study:
-    """The Optuna study `name` in the RDB storage at `url` (created if new, with its tables: under a
-    file lock for sqlite, retried on a schema race for a server), with heartbeats; a trial whose
-    worker died is failed after `grace_s` and re-queued with the same params and attributes.
+    """The Optuna study `name` in the storage at `url` (created if new). With an RDB storage a
+    trial whose worker died is failed after `grace_s` (Optuna's heartbeats) and re-queued with the
+    same params and attributes; with a journal, recover_stale does the same from leases.
     kwargs go to optuna.create_study (sampler, pruner)."""
+    return _opening(url, lambda storage: optuna.create_study(study_name=name, storage=storage, direction="minimize",
+                                                             load_if_exists=True, **kwargs),
+                    heartbeat_s, grace_s)
+
+
+def _opening(url: str, use, heartbeat_s: int = 5, grace_s: int = 15):
+    """use(storage) on the storage at `url`: created with its tables if new (under a file lock for
+    sqlite, retried on a schema race for a server); driver and connection errors are one line."""
+    journal = journal_file(url)
+    if journal is not None:
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        # the open lock (O_EXCL) is atomic on NFS v3+, where a cluster's shared folders live
+        return use(JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))))
     parsed = storage_url(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
     lock = writer_lock(url)  # sqlite: processes create tables in turn
@@ -126,8 +166,7 @@ def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) ->
                                heartbeat_interval=heartbeat_s, grace_period=grace_s,
                                heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
                                engine_kwargs=engine_kwargs, transient=schema_race)
-            return retrying(optuna.create_study, study_name=name, storage=storage, direction="minimize",
-                            load_if_exists=True, transient=schema_race, **kwargs)
+            return retrying(use, storage, transient=schema_race)
     except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
         driver = getattr(err.__cause__, "name", None) or err.name or "database"
         raise ChaeError(f"--storage {shown(url)}: needs the {driver} driver; "
@@ -137,11 +176,66 @@ def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) ->
         raise ChaeError(f"--storage {shown(url)}: cannot open the Optuna storage ({reason})") from None
 
 
+def study_exists(name: str, url: str) -> bool:
+    """Whether the storage at `url` holds the study `name` (creating nothing: a missing sqlite or
+    journal file is False)."""
+    journal = journal_file(url)
+    if journal is not None and not journal.exists():
+        return False
+    if journal is None:
+        parsed = storage_url(url)
+        if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
+            return False
+    names = _opening(url, lambda storage: {s.study_name for s in optuna.get_all_study_summaries(
+        storage, include_best_trial=False)})
+    return name in names
+
+
+def recover_stale(study: optuna.Study, grace_s: float) -> None:
+    """Fail and re-queue (same params and attributes) every RUNNING trial whose worker went silent
+    for more than grace_s: Optuna's heartbeats on an RDB storage, leases on a journal."""
+    storage, _ = _internals(study)
+    if isinstance(storage, RDBStorage):
+        fail_stale_trials(study)
+        return
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        last = trial.user_attrs.get(LEASE) or trial.datetime_start.timestamp()  # killed before its first lease
+        if now - last <= grace_s:
+            continue
+        _, trial_id = _internals(study, trial)
+        try:
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # another worker failed it first, and re-queues it
+        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id))
+
+
+def heartbeat(study: optuna.Study, trial: Trial, interval: float) -> Heartbeat:
+    """A thread that proves this worker alive while it holds `trial`: a heartbeat or a lease."""
+    storage, trial_id = _internals(study, trial)
+    if isinstance(storage, RDBStorage):
+        return Heartbeat(lambda: storage.record_heartbeat(trial_id), interval)
+    return Heartbeat(lambda: storage.set_trial_user_attr(trial_id, LEASE, time.time()), interval)
+
+
+def worker_name() -> str:
+    """Who holds a claimed cell, for `chae-ablate status`: host, process and SLURM task if any."""
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    array, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{name} slurm {array}_{task}"
+    return f"{name} slurm {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else name
+
+
 def writer_lock(url: str):
     """A context manager that makes a read-check-write on the storage atomic across processes.
     Optuna claims a WAITING trial with SELECT ... FOR UPDATE, which PostgreSQL honours and sqlite
     ignores (two processes both read WAITING and both won the same trial: one cell trained twice);
-    for sqlite this is an exclusive lock on a file beside the database, else nothing."""
+    for sqlite this is an exclusive lock on a file beside the database, else nothing (PostgreSQL,
+    and a journal, whose log order decides a claim)."""
+    if journal_file(url) is not None:
+        return nullcontext()
     parsed = storage_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database:
         database = Path(parsed.database)
@@ -154,7 +248,7 @@ class Ledger:
 
     def __init__(self, study_name: str, url: str, heartbeat_s: int = 5, grace_s: int = 15):
         self.study = open_study(study_name, url, heartbeat_s, grace_s)
-        self.name, self.url = study_name, url
+        self.name, self.url, self.grace_s = study_name, url, grace_s
 
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
@@ -162,7 +256,7 @@ class Ledger:
     def queue(self, cells: list[Cell], retry_failed: bool = True) -> int:
         """Enqueue every cell that is neither finished, queued nor running (nor failed, unless
         retry_failed: a rerun retries failed cells, a running study does not); returns how many."""
-        fail_stale_trials(self.study)  # dead workers' cells go back to the queue
+        recover_stale(self.study, self.grace_s)  # dead workers' cells go back to the queue
         done = (TrialState.COMPLETE, *ACTIVE) + (() if retry_failed else (TrialState.FAIL,))
         covered = {t.user_attrs.get("cell_hash") for t in self.trials() if t.state in done}
         missing = [c for c in cells if c.hash not in covered]
@@ -173,13 +267,14 @@ class Ledger:
 
     def claim(self) -> Claim | None:
         """Atomically move one WAITING trial to RUNNING (as Study.ask does, but never samples a
-        new one); stale trials of dead workers are re-queued first."""
-        fail_stale_trials(self.study)
+        new one); stale trials of dead workers are re-queued first. The claim names its worker."""
+        recover_stale(self.study, self.grace_s)
         with writer_lock(self.url):
             for frozen in self.trials(states=(TrialState.WAITING,)):
                 storage, trial_id = _internals(self.study, frozen)
                 try:
                     if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                        storage.set_trial_user_attr(trial_id, "worker", worker_name())
                         return Claim(self, Trial(self.study, trial_id))
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
@@ -225,7 +320,8 @@ class Ledger:
             done = t is not None and t.state == TrialState.COMPLETE
             metrics = {k: float(t.user_attrs[k]) for k in SUMMARY_METRICS if k in t.user_attrs} if done else {}
             rows.append(CellState(cell.variant.name, cell.seed, cell.hash, t.state.name if t else "MISSING",
-                                  metrics, t.user_attrs.get("failure_reason", "") if t else ""))
+                                  metrics, t.user_attrs.get("failure_reason", "") if t else "",
+                                  t.user_attrs.get("worker", "") if t else ""))
         return rows
 
     def mean_curve(self, cells: list[Cell]) -> dict[int, float]:
@@ -250,8 +346,7 @@ class Claim:
         self.cell_hash = trial.user_attrs.get("cell_hash")
 
     def heartbeat(self, interval: float) -> Heartbeat:
-        storage, trial_id = _internals(self.ledger.study, self.trial)
-        return Heartbeat(lambda: storage.record_heartbeat(trial_id), interval)
+        return heartbeat(self.ledger.study, self.trial, interval)
 
     def reported_epochs(self) -> set[int]:
         storage, trial_id = _internals(self.ledger.study, self.trial)
@@ -364,7 +459,7 @@ class SearchLedger:
     def __init__(self, name: str, url: str, sampler: optuna.samplers.BaseSampler,
                  pruner: optuna.pruners.BasePruner, heartbeat_s: int = 5, grace_s: int = 15):
         self.study = open_study(name, url, heartbeat_s, grace_s, sampler=sampler, pruner=pruner)
-        self.heartbeat_s, self.url = heartbeat_s, url
+        self.heartbeat_s, self.grace_s, self.url = heartbeat_s, grace_s, url
 
     def ask(self, knobs: tuple[Knob, ...]) -> tuple[Trial, dict]:
         """A new trial (a dead worker's trial, re-queued with its params, comes first) and its knobs."""
@@ -393,7 +488,7 @@ class SearchLedger:
         """Budget slots taken (by trials numbered below `before`): trained, pruned, running or re-queued
         trials that were not rejected. A running trial not yet judged counts, so two workers asking
         at once can never both take the last slot."""
-        fail_stale_trials(self.study)
+        recover_stale(self.study, self.grace_s)
         holding = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         return sum(1 for t in self.study.get_trials(deepcopy=False)
                    if (before is None or t.number < before) and t.user_attrs.get("outcome") in (None, TRAINED)
@@ -404,7 +499,7 @@ class SearchLedger:
 
     def pending(self) -> tuple[int, int]:
         """(queued, running) trials: a finished budget still waits for these."""
-        fail_stale_trials(self.study)
+        recover_stale(self.study, self.grace_s)
         trials = self.study.get_trials(deepcopy=False, states=ACTIVE)
         return (sum(t.state == TrialState.WAITING for t in trials), sum(t.state == TrialState.RUNNING for t in trials))
 
@@ -424,8 +519,7 @@ class SearchLedger:
         retrying(trial.set_user_attr, "outcome", TRAINED)
 
     def heartbeat(self, trial: Trial) -> Heartbeat:
-        storage, trial_id = _internals(self.study, trial)
-        return Heartbeat(lambda: storage.record_heartbeat(trial_id), self.heartbeat_s)
+        return heartbeat(self.study, trial, self.heartbeat_s)
 
     def report(self, trial: Trial, epoch: int, value: float) -> bool:
         """Report an epoch's validation loss; True when the pruner says stop."""

@@ -24,7 +24,7 @@ from .data import Dataset, load_dataset
 from .errors import ChaeError
 from .figures import learning_curve
 from .files import inside
-from .ledger import CellState, Claim, Ledger, lost_ledger, retrying
+from .ledger import CellState, Claim, Ledger, lost_ledger, retrying, shown, study_exists
 from .study import Cell, Study
 from .train import CellFailed, checkpoint_epochs, pick_device, train_cell
 
@@ -155,7 +155,7 @@ class Worker:
                                     checkpoint_dir=checkpoints, tracker=reporter, progress=self.options.bars,
                                     label=cell.label, compile_model=self.options.compile)
             run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
-            run.finish(result.summary())
+            run.finish(result.summary(), resumed_from=result.resumed_from)
             return result.summary()
         except CellPruned as pruned:
             _best_effort(run.prune, pruned.epoch)
@@ -252,6 +252,16 @@ def needed_cells(study: Study, ledger: Ledger) -> list[Cell]:
     outcome = analyse(values, lambda v, s: (v, s) in settled, [v.name for v in study.variants],
                       {v.name: study.seeds(v) for v in study.variants}, study.analysis)
     return [cells[(v, s)] for v, seeds in outcome.seeds.items() for s in seeds]
+
+
+def study_status(study: Study, options: RunOptions) -> list[CellState]:
+    """Where each cell the study needs now stands in the ledger, and who holds the running ones;
+    changes nothing (a dead worker's cell shows RUNNING until a worker re-queues it)."""
+    if not study_exists(study.name, options.storage_url):
+        raise ChaeError(f"study {study.name}: not in the ledger {shown(options.storage_url)}; "
+                        "start it first, or pass the --storage (and --runs-dir) it runs with")
+    ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
+    return ledger.cell_states(needed_cells(study, ledger))
 
 
 def _forget(study: Study, options: RunOptions) -> None:

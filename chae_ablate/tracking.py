@@ -283,8 +283,12 @@ class CellRun:
     def log_dict(self, data: dict, name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 
-    def finish(self, summary: dict[str, float]) -> None:
+    def finish(self, summary: dict[str, float], resumed_from: int = 0) -> None:
+        """The summary metrics (step 0), and when the cell resumed after an interruption, from which
+        epoch's checkpoint (tag resumed_from_epoch)."""
         self._metrics(summary, step=0)
+        if resumed_from:
+            self.client.set_tag(self.run_id, "resumed_from_epoch", str(resumed_from))
         self.client.set_terminated(self.run_id, "FINISHED")
 
     def fail(self, reason: str) -> None:

@@ -169,6 +169,9 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
     assert victim.returncode == -signal.SIGKILL
     interrupted = [p.parent.name for p in checkpoints.glob("*/last.pt")]
     assert interrupted, "the run was killed before its first checkpoint"
+    killed_cells = [t.user_attrs["cell_hash"] for t in optuna.load_study(
+        study_name="killme", storage=f"sqlite:///{killed}/runs/optuna.db").get_trials()
+        if t.state == optuna.trial.TrialState.RUNNING]
 
     out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed).communicate(timeout=600)
     assert "COMPLETE" in out, out
@@ -187,17 +190,32 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
             assert run.data.metrics[key] == expected[variant].data.metrics[key], (variant, key)
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")]
         assert sorted(steps) == list(range(1, 7))
+    tagged = {r.data.tags["cell_hash"]: int(r.data.tags["resumed_from_epoch"]) for r in resumed.values()
+              if "resumed_from_epoch" in r.data.tags}
+    assert list(tagged) == killed_cells and all(epoch >= 1 for epoch in tagged.values())  # it, and only it, says so
+    assert not any(r.data.tags.get("resumed_from_epoch") for r in expected.values())
     ledger = optuna.load_study(study_name="killme", storage=f"sqlite:///{killed}/runs/optuna.db")
     complete = [t for t in ledger.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_storage_run_every_cell_once(workdir):
+def test_two_workers_on_one_storage_run_every_cell_once(workdir, monkeypatch):
+    """The concurrent path (--workers N: N processes, on one GPU or dividing the CPU cores) gives
+    each cell the metrics it gets alone: same seeds, same data order and augmentation. Tolerance:
+    1e-5 relative, for reductions split over another number of threads."""
     study = load_study(TINY, {"protocol.seeds": [0, 1, 2]})
     run_study(study, RunOptions(progress=False, workers=2), report=False)
     _, _, cells = cell_runs("synthetic-tiny")
     assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
     assert len({r.data.tags["cell_hash"] for r in cells}) == 6
+    (workdir / "alone").mkdir()
+    monkeypatch.chdir(workdir / "alone")
+    run_study(study, RunOptions(progress=False, workers=1), report=False)
+    _, _, alone = cell_runs("synthetic-tiny")
+    together = {r.data.tags["cell_hash"]: r.data.metrics for r in cells}
+    for run in alone:
+        for key in ("best_val_loss", "best_epoch", "test_loss", "test_acc"):
+            assert together[run.data.tags["cell_hash"]][key] == pytest.approx(run.data.metrics[key], rel=1e-5), key
     trials = complete_trials(study, Path("runs"))
     assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.hash for c in study.cells())

@@ -1,0 +1,155 @@
+"""SLURM: a study's workers as one job array, through submitit (the only module that imports it).
+
+Every array task does what `chae-ablate run` does (or `search`; task 0 leads a search, the others
+join it): it queues what is missing, claims cells from the shared ledger until none is left, and
+each task that finishes writes the report from MLflow. SLURM sends SIGUSR2 ahead of a time limit
+or a preemption; submitit then requeues the task (ArrayTask is checkpointable) and exits. The cell
+that task held stops sending heartbeats (or renewing its lease, on a journal ledger), goes back to
+the queue after the grace period, and the next free task resumes it from its epoch checkpoint in
+the shared runs folder, continuing its MLflow run. A task killed outright (scancel, a node lost) is
+recovered the same way by the tasks still running, or by resubmitting.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from . import tracking
+from .errors import ChaeError
+from .files import inside
+from .ledger import journal_file, storage_url
+from .runner import RunOptions, run_study, start_study
+from .study import Study
+
+SIGNAL_DELAY_S = 120  # SIGUSR2 this long before the time limit: time to finish an epoch's checkpoint
+MAX_TIMEOUTS = 50  # requeues after a time limit per task (submitit's default, 3, ends long studies early)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """One job array, in sbatch's vocabulary."""
+
+    array: int = 2  # tasks (workers) in the array
+    partition: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8  # also the worker's torch threads
+    time: str = "4:00:00"  # per task: MINUTES, HH:MM:SS or D-HH:MM:SS
+    account: str | None = None
+    mem_gb: int | None = None
+    setup: tuple[str, ...] = ()  # shell lines before the task starts, e.g. "module load cuda"
+
+
+@dataclass
+class Submission:
+    """What `submit` queued: the array's job id, its task count, and where submitit logs."""
+
+    job_id: str
+    tasks: int
+    logs: Path
+    storage: str
+
+
+def minutes(time: str) -> int:
+    """sbatch --time (MINUTES, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in minutes, seconds rounded
+    up as SLURM does, at least 1."""
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", time.strip())
+    if match is None:
+        raise ChaeError(f"--time {time}: expected MINUTES, HH:MM:SS or D-HH:MM:SS, e.g. 4:00:00")
+    days, a, b, c = (int(g) if g else None for g in match.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        total = days * 1440 + a * 60 + (b or 0) + (c or 0) / 60
+    elif c is not None:  # HH:MM:SS
+        total = a * 60 + b + c / 60
+    elif b is not None:  # MM:SS
+        total = a + b / 60
+    else:
+        total = a
+    return max(1, math.ceil(total))
+
+
+class ArrayTask:
+    """One array task: a whole worker over the shared ledger, then the report. submitit calls it
+    with the task's index and, on SIGUSR2, its checkpoint() to requeue it."""
+
+    def __init__(self, study: Study, options: RunOptions, tracking_uri: str, search: bool):
+        self.study, self.options, self.tracking_uri, self.search = study, options, tracking_uri, search
+
+    def __call__(self, index: int) -> str:
+        os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri  # the submitter's store, from any node
+        if self.search:
+            from .search import run_search
+            summary = run_search(self.study, self.options, report=index == 0, joining=index > 0)
+            return f"search task {index}: the search has {len(summary.trials)} trial(s)"
+        result = run_study(self.study, self.options, report=True)
+        if result.unfinished:
+            raise ChaeError(f"{len(result.unfinished)} of {len(result.cells)} cells did not finish; "
+                            "resubmit to retry")
+        return f"task {index}: {len(result.cells)} cells COMPLETE, report {result.report}"
+
+    def checkpoint(self, index: int):
+        """Requeue this task as it was: the cell it held resumes from its epoch checkpoint."""
+        import submitit
+        return submitit.helpers.DelayedSubmission(self, index)
+
+
+def shared_options(options: RunOptions, slurm: SlurmOptions) -> RunOptions:
+    """The run options every task gets: absolute paths (tasks may start in another folder), the
+    ledger (a journal file in the runs folder unless --storage names a server), one worker per
+    task with the task's CPUs as torch threads."""
+    runs_dir = options.runs_dir.resolve()
+    storage = options.storage or f"journal:{runs_dir / 'ledger.journal'}"
+    journal = journal_file(storage)
+    if journal is not None:
+        storage = f"journal:{journal}"
+    elif storage_url(storage).get_backend_name() == "sqlite":
+        raise ChaeError(f"--storage {storage}: sqlite cannot be shared safely by many nodes; leave --storage "
+                        "out (a journal file in the shared runs folder) or give postgresql://USER:PASS@HOST/DB")
+    return replace(options, runs_dir=runs_dir, storage=storage, workers=1, threads=slurm.cpus_per_task)
+
+
+def submit(study: Study, options: RunOptions, slurm: SlurmOptions, search: bool = False) -> Submission:
+    """Check and queue the study here (data present, servers reachable, cells queued), then submit
+    its workers as one SLURM job array."""
+    if importlib.util.find_spec("submitit") is None:
+        raise ChaeError("submit --slurm needs submitit: pip install 'chae-ablate[slurm]'")
+    if shutil.which("sbatch") is None:
+        raise ChaeError("submit --slurm: sbatch is not on PATH; run this on the cluster's login node "
+                        "(or start `chae-ablate worker` on each machine)")
+    if search and study.search is None:
+        raise ChaeError(f"{study.source or study.name}: has no search: section; submit it without --search")
+    options = shared_options(options, slurm)
+    timeout = minutes(slurm.time)
+    if search:
+        from .search import baseline_study
+        start_study(baseline_study(study), options)
+    else:
+        start_study(study, options)
+
+    import submitit
+    logs = inside(options.runs_dir, "slurm", study.name)
+    executor = submitit.AutoExecutor(folder=logs / "%j", cluster="slurm", slurm_max_num_timeout=MAX_TIMEOUTS)
+    parameters = {"name": f"chae-{study.name}", "timeout_min": timeout, "nodes": 1, "tasks_per_node": 1,
+                  "cpus_per_task": slurm.cpus_per_task, "slurm_array_parallelism": slurm.array,
+                  "slurm_signal_delay_s": min(SIGNAL_DELAY_S, timeout * 30),
+                  "slurm_setup": list(slurm.setup)}
+    if slurm.partition:
+        parameters["slurm_partition"] = slurm.partition
+    if slurm.account:
+        parameters["slurm_account"] = slurm.account
+    if slurm.gpus_per_task:
+        parameters["slurm_gpus_per_task"] = slurm.gpus_per_task
+    if slurm.mem_gb:
+        parameters["mem_gb"] = slurm.mem_gb
+    executor.update_parameters(**parameters)
+    task = ArrayTask(study, replace(options, device="auto"), tracking.tracking_uri(), search)
+    try:
+        jobs = executor.map_array(task, range(slurm.array))
+    except Exception as err:  # sbatch's refusal (bad partition, account, limits): its own words
+        reason = str(err).strip().splitlines()
+        raise ChaeError(f"sbatch refused the job array: {reason[-1][:300] if reason else type(err).__name__}") from None
+    return Submission(jobs[0].job_id.split("_")[0], len(jobs), logs, options.storage)
