@@ -150,6 +150,8 @@ def submit(study: Study, options: RunOptions, slurm: SlurmOptions, search: bool 
     try:
         jobs = executor.map_array(task, range(slurm.array))
     except Exception as err:  # sbatch's refusal (bad partition, account, limits): its own words
-        reason = str(err).strip().splitlines()
-        raise ChaeError(f"sbatch refused the job array: {reason[-1][:300] if reason else type(err).__name__}") from None
+        lines = str(err).strip().splitlines()
+        reason = lines[-1][:300] if lines else type(err).__name__
+        hint = "; for CPU tasks pass --gpus-per-task 0" if "gres" in reason.lower() and slurm.gpus_per_task else ""
+        raise ChaeError(f"sbatch refused the job array: {reason}{hint}") from None
     return Submission(jobs[0].job_id.split("_")[0], len(jobs), logs, options.storage)

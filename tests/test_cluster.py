@@ -145,6 +145,14 @@ def cell_runs(name: str) -> list:
     return client.search_runs([experiment.experiment_id], "tags.`chae.role` = 'cell'")
 
 
+def test_what_sbatch_refuses_is_one_line_with_a_hint(on_slurm):
+    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "debug"])  # 1 GPU per task, none here
+    assert result.exit_code == 1 and "sbatch refused the job array" in result.output
+    assert "for CPU tasks pass --gpus-per-task 0" in result.output and "Traceback" not in result.output
+    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "nope", "--gpus-per-task", "0"])
+    assert result.exit_code == 1 and "Invalid partition name" in result.output
+
+
 @pytest.mark.slow
 def test_a_job_array_trains_every_cell_once_and_writes_the_report(on_slurm):
     job = submitted(str(TINY), "--array", "2", "--seeds", "0,1,2")
