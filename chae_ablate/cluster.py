@@ -146,7 +146,7 @@ def submit(study: Study, options: RunOptions, slurm: SlurmOptions, search: bool 
     if slurm.mem_gb:
         parameters["mem_gb"] = slurm.mem_gb
     executor.update_parameters(**parameters)
-    task = ArrayTask(study, replace(options, device="auto"), tracking.tracking_uri(), search)
+    task = ArrayTask(study, options, tracking.tracking_uri(), search)
     try:
         jobs = executor.map_array(task, range(slurm.array))
     except Exception as err:  # sbatch's refusal (bad partition, account, limits): its own words

@@ -68,6 +68,14 @@ def journal_file(url: str) -> Path | None:
     return Path(path).expanduser().resolve()
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a sqlite storage URL, else None (a server, a journal, sqlite in memory)."""
+    if journal_file(url) is not None:
+        return None
+    parsed = storage_url(url)
+    return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
+
 def storage_url(url: str) -> URL:
     """The parsed storage URL; a bare postgresql:// gets the psycopg2 driver when that is the one
     installed (chae-ablate[postgres]): SQLAlchemy >= 2.1 maps it to psycopg 3."""
@@ -155,8 +163,8 @@ def _opening(url: str, use, heartbeat_s: int = 5, grace_s: int = 15):
     parsed = storage_url(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
     lock = writer_lock(url)  # sqlite: processes create tables in turn
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+    if (database := sqlite_file(url)) is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
     elif parsed.get_backend_name() == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
     try:
@@ -179,13 +187,9 @@ def _opening(url: str, use, heartbeat_s: int = 5, grace_s: int = 15):
 def study_exists(name: str, url: str) -> bool:
     """Whether the storage at `url` holds the study `name` (creating nothing: a missing sqlite or
     journal file is False)."""
-    journal = journal_file(url)
-    if journal is not None and not journal.exists():
+    local = journal_file(url) or sqlite_file(url)
+    if local is not None and not local.exists():
         return False
-    if journal is None:
-        parsed = storage_url(url)
-        if parsed.get_backend_name() == "sqlite" and parsed.database and not Path(parsed.database).exists():
-            return False
     names = _opening(url, lambda storage: {s.study_name for s in optuna.get_all_study_summaries(
         storage, include_best_trial=False)})
     return name in names
@@ -234,13 +238,8 @@ def writer_lock(url: str):
     ignores (two processes both read WAITING and both won the same trial: one cell trained twice);
     for sqlite this is an exclusive lock on a file beside the database, else nothing (PostgreSQL,
     and a journal, whose log order decides a claim)."""
-    if journal_file(url) is not None:
-        return nullcontext()
-    parsed = storage_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database:
-        database = Path(parsed.database)
-        return file_lock(database.with_name(f".{database.name}.lock"))
-    return nullcontext()
+    database = sqlite_file(url)
+    return file_lock(database.with_name(f".{database.name}.lock")) if database is not None else nullcontext()
 
 
 class Ledger:
