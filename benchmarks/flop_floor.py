@@ -27,7 +27,8 @@ from common import images_per_s, provenance, synchronize, write_json
 
 from chae_ablate.augment import to_float
 from chae_ablate.config import DataConfig
-from chae_ablate.data import assign_splits, scan_folder
+from chae_ablate.data import assign_splits
+from chae_ablate.images import scan_folder
 from chae_ablate.errors import ChaeError
 from chae_ablate.model import forward_flops
 from chae_ablate.plan import expected_classes

@@ -4,7 +4,7 @@ Run on a GPU machine as `bash benchmarks/gpu_check.sh` (it installs the missing 
 order, each stage under its own time limit inside --budget-s, so a failure or an overrun costs only
 that stage:
   1. images with artists11's shape (11 classes of 877 ... 153, 3,902 in all, 224 px RGB JPEG),
-     drawn by chae_ablate.data.render_synthetic under runs/gpu-check/: step time does not depend
+     drawn by chae_ablate.sources.render_synthetic under runs/gpu-check/: step time does not depend
      on pixel content, so rates carry over to artists11, losses and accuracies do not;
   2. `pytest -v -rs -m "not slow" tests/test_gpu.py` (its CUDA cases: bf16, channels_last, compile,
      device-side augmentation, CUDA vs CPU metrics);
@@ -48,7 +48,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 from common import REPO, RESULTS, provenance, write_json  # noqa: E402
 
 from chae_ablate.config import ExperimentConfig  # noqa: E402
-from chae_ablate.data import load_dataset, render_synthetic  # noqa: E402
+from chae_ablate.data import load_dataset  # noqa: E402
+from chae_ablate.sources import render_synthetic  # noqa: E402
 from chae_ablate.errors import ChaeError  # noqa: E402
 from chae_ablate.model import forward_flops  # noqa: E402
 from chae_ablate.study import load_study  # noqa: E402
@@ -60,7 +61,7 @@ PAPER11 = REPO / "studies" / "paper11.yaml"
 TIMED = ("baseline", "res384")  # the cells timed alone; the others are projected by FLOPs
 FLOOR_S = {"tests": 60, "alone": 45, "together": 25, "throughput": 45}  # the least each stage gets
 NOTE = ("Timed on generated images with artists11's shape (11 classes of {counts}, {n} images, "
-        "{px}x{px} RGB JPEG q90, drawn by chae_ablate.data.render_synthetic), not on artists11 "
+        "{px}x{px} RGB JPEG q90, drawn by chae_ablate.sources.render_synthetic), not on artists11 "
         "itself: step time does not depend on pixel content, so images/s, minutes and GPU "
         "utilisation carry over to artists11; losses and accuracies here mean nothing.")
 

@@ -32,14 +32,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, write_json  # noqa: E402
 
 from chae_ablate import stats  # noqa: E402
+from chae_ablate.records import DECISIONS, Verdict  # noqa: E402
 
 TRUE = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0)  # true mean difference / margin
 SPREAD = (0.1, 0.25, 0.5, 1.0)  # sd of the paired differences / margin
 
 
 def cell(sim: stats.Simulation) -> dict:
-    worse = sim.verdict == stats.VERDICTS.index(stats.WORSE)
-    return {**{v: sim.share(v) for v in stats.VERDICTS},
+    worse = sim.verdict == DECISIONS.index(Verdict.WORSE)
+    return {**{str(v): sim.share(v) for v in DECISIONS},
             "worse_within_margin": float((worse & sim.within_margin).mean()),
             "family_error": sim.family_error, "mean_seeds": sim.mean_seeds, "seeds_saved": sim.seeds_saved,
             "study_seeds_saved": sim.study_seeds_saved}

@@ -44,7 +44,8 @@ from common import images_per_s, provenance, synchronize, write_json
 
 from chae_ablate.augment import affine_theta, apply_affine, augment_batch, sample_params, to_float
 from chae_ablate.config import DataConfig, ModelConfig, ProtocolConfig
-from chae_ablate.data import load_dataset, scan_folder
+from chae_ablate.data import load_dataset
+from chae_ablate.images import scan_folder
 from chae_ablate.errors import ChaeError
 from chae_ablate.stream import DeviceSplit, TrainingStream, epoch_order
 from chae_ablate.train import autocast_for, pick_device, setup_model, train_step

@@ -1,23 +1,75 @@
-"""The study's decision: which seeds each variant needs, and its verdict against the baseline.
+"""A study's plan and where it stands: which cells it needs, which are settled, and its verdicts.
 
-One function, `analyse`, replays the study's looks from the cell values known so far; the runner
-uses it to queue the next round of an adaptive study and the report to print the verdicts, so
-both always agree. Replaying from scratch makes it deterministic: a study killed and rerun, or
-advanced by several workers, takes exactly the same looks and ends with the same seed counts.
-The statistics (intervals, error guarantee across looks) are stats.decide's; see stats.METHOD.
+`outcome(plan, records)` is the one place that joins cell records (from the ledger or from MLflow)
+to a study: on the cell hash alone, so a record of another version of the study (other epochs,
+another variant definition) is never counted, only listed. It replays the study's looks from the
+values known so far; the runner uses it to queue an adaptive study's next round, `status` to
+count, the report to print the verdicts, so all of them always agree. Replaying from scratch makes
+it deterministic: a study killed and rerun, or advanced by several workers, takes exactly the same
+looks and ends with the same seed counts. The statistics are stats.decide's; see stats.METHOD.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
 from . import stats
-from .config import AnalysisConfig
+from .config import AnalysisConfig, parse, to_dict
+from .metrics import LOWER_IS_BETTER
+from .records import CellRecord, CellState, PlannedCell, Verdict
 
-LOWER_IS_BETTER = {"best_val_loss": True, "test_loss": True, "test_acc": False}
+
+@dataclass(frozen=True)
+class Plan:
+    """One version of a study: the cells it may train, each variant's seeds in draw order, how it
+    decides, and each variant's resolved settings. Kept as plan.json in the study's MLflow record,
+    so a report is rebuilt from the store alone."""
+
+    study: str
+    cells: tuple[PlannedCell, ...]  # every cell the study may run (an adaptive one runs only some), baseline first
+    seeds: Mapping[str, tuple[int, ...]]  # per variant (baseline first): the seeds it may use, in draw order
+    analysis: AnalysisConfig
+    settings: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # per variant: dotted path -> value
+    source: str = ""  # the study file, resolved ("" for a study built in code)
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.seeds)
+
+    @property
+    def fingerprint(self) -> str:
+        """What makes two versions of a study the same: its cells (by the configuration each
+        trains), its variants' names and seeds, and its analysis settings."""
+        key = {"cells": [[c.cell_hash, c.variant, c.seed] for c in self.cells],
+               "seeds": {v: list(s) for v, s in self.seeds.items()}, "analysis": to_dict(self.analysis)}
+        return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_json(self) -> dict:
+        return {"study": self.study, "source": self.source, "fingerprint": self.fingerprint,
+                "cells": [{"variant": c.variant, "seed": c.seed, "cell_hash": c.cell_hash,
+                           "description": c.description} for c in self.cells],
+                "analysis": to_dict(self.analysis), "seeds": {v: list(s) for v, s in self.seeds.items()},
+                "settings": {v: dict(s) for v, s in self.settings.items()}}
+
+    @classmethod
+    def from_json(cls, data: dict | list, study: str = "") -> Plan:
+        """A plan as plan.json holds it; a plan written before the analysis section (a bare list of
+        cells) reads as the default analysis over its listed seeds."""
+        data = {"cells": data} if isinstance(data, list) else data
+        cells = tuple(PlannedCell(str(c["cell_hash"]), str(c["variant"]), int(c["seed"]), str(c.get("description", "")))
+                      for c in data.get("cells", []))
+        seeds: dict[str, tuple[int, ...]] = {v: tuple(int(s) for s in ss) for v, ss in (data.get("seeds") or {}).items()}
+        if not seeds:
+            for c in cells:
+                seeds[c.variant] = (*seeds.get(c.variant, ()), c.seed)
+        return cls(data.get("study", study), cells, seeds, parse(AnalysisConfig, data.get("analysis") or {}, "analysis"),
+                   data.get("settings") or {}, data.get("source", ""))
 
 
 def planned_looks(analysis: AnalysisConfig, fixed_seeds: int) -> list[int]:
@@ -29,14 +81,49 @@ def planned_looks(analysis: AnalysisConfig, fixed_seeds: int) -> list[int]:
 
 @dataclass(frozen=True)
 class Outcome:
-    """Where a study stands: the seeds each variant needs so far and each variant's latest verdict."""
+    """Where a study stands."""
 
+    needed: tuple[PlannedCell, ...]  # the cells its looks have reached so far, baseline first
+    records: Mapping[str, CellRecord]  # per needed cell's hash: its record (MISSING when no store has it)
+    unneeded: tuple[CellRecord, ...]  # records of this plan's cells that no look needed (not counted)
+    earlier: tuple[CellRecord, ...]  # records of cells this plan does not have: another version's (never counted)
     seeds: dict[str, list[int]]  # per variant (baseline included): the seeds it needs up to now
     decisions: dict[str, stats.Decision]  # per non-baseline variant with a look taken: its verdict
     looks_taken: dict[str, int]  # per non-baseline variant: looks taken so far
     n_looks: int  # K, planned in advance
     margin: float  # absolute, in the metric's units (NaN until the baseline has a value)
     complete: bool  # every look the study needs is taken: nothing more to train
+
+    def value(self, cell: PlannedCell, metric: str) -> float:
+        """The cell's metric when it is in the statistics (done, finite), else NaN."""
+        return _value(self.records.get(cell.cell_hash), metric)
+
+
+def outcome(plan: Plan, records: Iterable[CellRecord]) -> Outcome:
+    """Join the records (one per cell hash) to the plan and replay the study's looks on them."""
+    by_hash = {r.cell_hash: r for r in records}
+    planned = {c.cell_hash for c in plan.cells}
+    at = {(c.variant, c.seed): by_hash.get(c.cell_hash) for c in plan.cells}
+    values: dict[str, dict[int, float]] = {}
+    for (variant, seed), record in at.items():
+        if math.isfinite(value := _value(record, plan.analysis.metric)):
+            values.setdefault(variant, {})[seed] = value
+    settled = {key for key, r in at.items() if r is not None and r.state.settled}
+    replay = analyse(values, lambda v, s: (v, s) in settled, plan.variants, plan.seeds, plan.analysis)
+    needed = tuple(c for c in plan.cells if c.seed in replay.seeds.get(c.variant, ()))
+    needed_hashes = {c.cell_hash for c in needed}
+    return replace(
+        replay, needed=needed,
+        records={c.cell_hash: by_hash.get(c.cell_hash) or CellRecord(c.cell_hash, c.variant, c.seed, CellState.MISSING)
+                 for c in needed},
+        unneeded=tuple(r for h, r in by_hash.items() if h in planned and h not in needed_hashes),
+        earlier=tuple(r for h, r in by_hash.items() if h not in planned))
+
+
+def _value(record: CellRecord | None, metric: str) -> float:
+    if record is None or record.state != CellState.DONE:
+        return math.nan
+    return float(record.metrics.get(metric, math.nan))
 
 
 def absolute_margin(analysis: AnalysisConfig, baseline_values: Sequence[float]) -> float:
@@ -47,9 +134,9 @@ def absolute_margin(analysis: AnalysisConfig, baseline_values: Sequence[float]) 
     return analysis.margin * abs(float(np.mean(values))) if values else math.nan
 
 
-def analyse(values: Mapping[str, Mapping[int, float]], settled: Callable[[str, int], bool],
-            variants: Sequence[str], seeds: Mapping[str, Sequence[int]], analysis: AnalysisConfig) -> Outcome:
-    """Replay the study's looks on what is known.
+def analyse(values: Mapping[str, Mapping[int, float]], settled, variants: Sequence[str],
+            seeds: Mapping[str, Sequence[int]], analysis: AnalysisConfig) -> Outcome:
+    """Replay the study's looks on what is known (an Outcome without its records: see outcome).
 
     values[variant][seed]: the metric of each finished cell. settled(variant, seed): whether that
     cell is finished or failed (it will not produce a value later). variants: baseline first.
@@ -62,11 +149,15 @@ def analyse(values: Mapping[str, Mapping[int, float]], settled: Callable[[str, i
     decisions: dict[str, stats.Decision] = {}
     taken = {v: 0 for v in others}
     active, margin = others, math.nan
+
+    def standing(complete: bool) -> Outcome:
+        return Outcome((), {}, (), (), needed, decisions, taken, len(looks), margin, complete)
+
     for k, n in enumerate(looks):
         for v in [baseline, *active]:
             needed[v] = list(seeds[v])[:n] if analysis.adaptive else list(seeds[v])
         if not all(settled(v, s) for v in [baseline, *active] for s in needed[v]):
-            return Outcome(needed, decisions, taken, len(looks), margin, complete=False)
+            return standing(complete=False)
         base = values.get(baseline, {})
         if k == 0:
             margin = absolute_margin(analysis, [base[s] for s in needed[baseline] if s in base])
@@ -74,21 +165,14 @@ def analyse(values: Mapping[str, Mapping[int, float]], settled: Callable[[str, i
             break
         diffs = {v: [values.get(v, {})[s] - base[s] for s in needed[v] if s in base and s in values.get(v, {})]
                  for v in active}
-        if math.isfinite(margin) and margin > 0:
-            looked = stats.decide(diffs, margin, n_looks=len(looks), alpha=analysis.alpha, n_variants=len(others),
-                                  lower_is_better=LOWER_IS_BETTER[analysis.metric])
-        else:  # no baseline value to size a relative margin: nothing can be decided
-            looked = stats.decide(diffs, 1.0, n_looks=len(looks), alpha=analysis.alpha, n_variants=len(others),
-                                  lower_is_better=LOWER_IS_BETTER[analysis.metric])
-            looked = {v: undecided(d, margin) for v, d in looked.items()}
+        usable = math.isfinite(margin) and margin > 0
+        looked = stats.decide(diffs, margin if usable else 1.0, n_looks=len(looks), alpha=analysis.alpha,
+                              n_variants=len(others), lower_is_better=LOWER_IS_BETTER[analysis.metric])
+        if not usable:  # no baseline value to size a relative margin: nothing can be decided
+            looked = {v: stats.undecided(d, margin) for v, d in looked.items()}
         for v in active:
             decisions[v], taken[v] = looked[v], k + 1
-        active = [v for v in active if looked[v].verdict == stats.UNDECIDED]
+        active = [v for v in active if looked[v].verdict == Verdict.UNDECIDED]
         if not active:
             break
-    return Outcome(needed, decisions, taken, len(looks), margin, complete=True)
-
-
-def undecided(decision: stats.Decision, margin: float) -> stats.Decision:
-    """A decision forced to undecided (no usable margin), with its figures kept."""
-    return replace(decision, verdict=stats.UNDECIDED, within_margin=False, margin=margin)
+    return standing(complete=True)

@@ -1,6 +1,7 @@
 """The `chae-ablate` command: each command parses its arguments and calls one library function.
 
 A ChaeError (bad input, missing data, unreachable server) becomes one red line and exit code 1.
+Commands import the library when they run, so `--help` starts without loading torch, Optuna or MLflow.
 """
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ import typer
 
 from .config import short
 from .errors import ChaeError
+from .metrics import RANKING, Metric
+from .options import RUN_DEFAULTS, SLURM_DEFAULTS, RunOptions, SlurmOptions
+from .records import CellState
 
 app = typer.Typer(help="Reproducible architecture ablation studies of the CHAE classifier.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -71,6 +75,7 @@ def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: 
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: cores / workers)")]
 HeartbeatOpt = Annotated[int, typer.Option(min=1, help="Seconds between a running cell's heartbeats")]
 GraceOpt = Annotated[int, typer.Option(min=2, help="Seconds of silence before a running cell is re-queued")]
+FreshOpt = Annotated[bool, typer.Option(help="Forget earlier results of this study and start over")]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model")]
 ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cell when not a terminal)")]
 
@@ -79,15 +84,14 @@ ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cel
 @clean_errors
 def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
         adaptive: AdaptiveOpt = False, storage: StorageOpt = None,
-        workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = 1,
-        device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
-        fresh: Annotated[bool, typer.Option(help="Forget earlier results of this study")] = False,
-        compile: CompileOpt = False,
+        workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = RUN_DEFAULTS.workers,
+        device: DeviceOpt = RUN_DEFAULTS.device, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir,
+        fresh: FreshOpt = RUN_DEFAULTS.fresh, compile: CompileOpt = RUN_DEFAULTS.compile,
         report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
-        progress: ProgressOpt = True, threads: ThreadsOpt = None, heartbeat: HeartbeatOpt = 5,
-        grace: GraceOpt = 15) -> None:
+        progress: ProgressOpt = RUN_DEFAULTS.progress, threads: ThreadsOpt = RUN_DEFAULTS.threads,
+        heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s, grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
     """Train every cell (variant x seed) of a study; a rerun resumes where it stopped."""
-    from .runner import RunOptions, run_study
+    from .runner import run_study
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
                          progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat,
                          grace_s=grace)
@@ -98,19 +102,19 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
     if summary.link:
         typer.echo(f"mlflow: {summary.link}  (run `mlflow ui` here first for a local store)")
     for c in summary.unfinished:
-        typer.echo(f"not finished: {c.variant}/seed{c.seed} {c.state} {c.failure_reason}")
+        typer.echo(f"not finished: {c.label} {c.state} {c.failure_reason}")
     if summary.unfinished:
         raise ChaeError(f"{len(summary.unfinished)} of {len(summary.cells)} cells did not finish; "
                         "rerun the same command to retry")
 
 
 def _cells_text(cells, worker: bool = False) -> str:
-    """Per cell: variant, seed, state, best validation loss, test accuracy (and who holds it)."""
+    """Per cell record: variant, seed, state, best validation loss, test accuracy (and who holds it)."""
     def num(v, spec):
         return "" if v is None or v != v else format(v, spec)
-    rows = [("variant", "seed", "state", "best_val_loss", "test_acc") + (("worker",) if worker else ())]
-    rows += [(c.variant, str(c.seed), c.state, num(c.best_val_loss, ".4f"), num(c.test_acc, ".3f"))
-             + ((c.worker if c.state == "RUNNING" else "",) if worker else ()) for c in cells]
+    rows = [("variant", "seed", "state", RANKING, Metric.TEST_ACC) + (("worker",) if worker else ())]
+    rows += [(c.variant, str(c.seed), c.state, num(c.metrics.get(RANKING), ".4f"), num(c.metrics.get(Metric.TEST_ACC), ".3f"))
+             + ((c.worker if c.state == CellState.RUNNING else "",) if worker else ()) for c in cells]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -118,13 +122,14 @@ def _cells_text(cells, worker: bool = False) -> str:
 @app.command()
 @clean_errors
 def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
-           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"),
-           compile: CompileOpt = False, progress: ProgressOpt = True, threads: ThreadsOpt = None,
-           heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15,
+           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, device: DeviceOpt = RUN_DEFAULTS.device,
+           runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir, compile: CompileOpt = RUN_DEFAULTS.compile,
+           progress: ProgressOpt = RUN_DEFAULTS.progress, threads: ThreadsOpt = RUN_DEFAULTS.threads,
+           heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s, grace: GraceOpt = RUN_DEFAULTS.grace_s,
            join_search: Annotated[bool, typer.Option("--search", help="Join the study's search instead")] = False
            ) -> None:
     """Join a running study or search (shared --storage) and train cells until none are left."""
-    from .runner import RunOptions, run_worker
+    from .runner import run_worker
     options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress, compile=compile,
                          threads=threads, heartbeat_s=heartbeat, grace_s=grace)
     loaded = _load(study, set_, epochs, seeds, adaptive)
@@ -141,15 +146,17 @@ def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epo
 @clean_errors
 def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1, help="Override search.trials")] = None,
            set_: SetOpt = None, epochs: EpochsOpt = None, storage: StorageOpt = None,
-           workers: Annotated[int, typer.Option(min=1, help="Trials trained at once on this machine")] = 1,
-           device: DeviceOpt = "auto", runs_dir: RunsOpt = Path("runs"), compile: CompileOpt = False,
-           progress: ProgressOpt = True, threads: ThreadsOpt = None, heartbeat: HeartbeatOpt = 5,
-           grace: GraceOpt = 15) -> None:
+           workers: Annotated[int, typer.Option(min=1, help="Trials trained at once on this machine")] = RUN_DEFAULTS.workers,
+           device: DeviceOpt = RUN_DEFAULTS.device, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir,
+           fresh: Annotated[bool, typer.Option(help="Forget this search's trials, baseline and confirmation "
+                                                    "and start over")] = RUN_DEFAULTS.fresh,
+           compile: CompileOpt = RUN_DEFAULTS.compile, progress: ProgressOpt = RUN_DEFAULTS.progress,
+           threads: ThreadsOpt = RUN_DEFAULTS.threads, heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s,
+           grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
     """Search the study's knobs (its search: section), then re-test the best on fresh seeds."""
-    from .runner import RunOptions
     from .search import run_search
-    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, progress=progress,
-                         compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace)
+    options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
+                         progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace)
     summary = run_search(_load(study, set_, epochs, None), options, trials)
     confirm = summary.confirmation
     if confirm is None:
@@ -163,38 +170,47 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
 @app.command()
 @clean_errors
 def status(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
-           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = Path("runs")) -> None:
+           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir) -> None:
     """Cells done / running / queued / failed, and which worker holds each running cell."""
-    from .runner import RunOptions, study_status
-    cells = study_status(_load(study, set_, epochs, seeds, adaptive), RunOptions(storage=storage, runs_dir=runs_dir))
+    from .runner import study_status
+    standing = study_status(_load(study, set_, epochs, seeds, adaptive), RunOptions(storage=storage, runs_dir=runs_dir))
+    cells = list(standing.records.values())
     typer.echo(_cells_text(cells, worker=True))
-    counts = {state: sum(c.state == state for c in cells) for state in ("COMPLETE", "RUNNING", "WAITING", "FAIL", "MISSING")}
-    typer.echo(f"{counts['COMPLETE']} done, {counts['RUNNING']} running, {counts['WAITING']} queued, "
-               f"{counts['FAIL']} failed, {counts['MISSING']} not queued yet, of {len(cells)} cells")
+    count = {state: sum(c.state == state for c in cells) for state in CellState}
+    typer.echo(f"{count[CellState.DONE]} done, {count[CellState.RUNNING]} running, {count[CellState.QUEUED]} queued, "
+               f"{count[CellState.FAILED]} failed, {count[CellState.MISSING]} not queued yet, of {len(cells)} cells")
+    if standing.earlier:
+        kept = {state: sum(r.state == state for r in standing.earlier) for state in CellState}
+        typer.echo(f"kept apart: {len(standing.earlier)} cells of other versions of this study "
+                   f"({', '.join(f'{n} {state}' for state, n in kept.items() if n)}), not counted")
 
 
 @app.command()
 @clean_errors
 def submit(study: StudyArg,
            slurm: Annotated[bool, typer.Option("--slurm", help="Submit to SLURM (the one scheduler supported)")] = False,
-           array: Annotated[int, typer.Option(min=1, help="Tasks (workers) in the job array")] = 2,
-           partition: Annotated[Optional[str], typer.Option(help="sbatch --partition")] = None,
-           gpus_per_task: Annotated[int, typer.Option(min=0, help="sbatch --gpus-per-task (0: CPU tasks)")] = 1,
-           cpus_per_task: Annotated[int, typer.Option(min=1, help="sbatch --cpus-per-task; the worker's torch threads")] = 8,
-           time: Annotated[str, typer.Option(help="sbatch --time per task (requeued on timeout), e.g. 4:00:00")] = "4:00:00",
-           account: Annotated[Optional[str], typer.Option(help="sbatch --account")] = None,
-           mem_gb: Annotated[Optional[int], typer.Option(min=1, help="sbatch --mem, in GB")] = None,
+           array: Annotated[int, typer.Option(min=1, help="Tasks (workers) in the job array")] = SLURM_DEFAULTS.array,
+           partition: Annotated[Optional[str], typer.Option(help="sbatch --partition")] = SLURM_DEFAULTS.partition,
+           gpus_per_task: Annotated[int, typer.Option(min=0, help="sbatch --gpus-per-task (0: CPU tasks)")
+                                    ] = SLURM_DEFAULTS.gpus_per_task,
+           cpus_per_task: Annotated[int, typer.Option(min=1, help="sbatch --cpus-per-task; the worker's torch threads")
+                                    ] = SLURM_DEFAULTS.cpus_per_task,
+           time: Annotated[str, typer.Option(help="sbatch --time per task (requeued on timeout), e.g. 4:00:00")
+                           ] = SLURM_DEFAULTS.time,
+           account: Annotated[Optional[str], typer.Option(help="sbatch --account")] = SLURM_DEFAULTS.account,
+           mem_gb: Annotated[Optional[int], typer.Option(min=1, help="sbatch --mem, in GB")] = SLURM_DEFAULTS.mem_gb,
            setup: Annotated[Optional[list[str]], typer.Option(help="Shell line run before each task, "
                                                                     "e.g. 'module load cuda'")] = None,
            join_search: Annotated[bool, typer.Option("--search", help="Submit the study's search instead")] = False,
            storage: Annotated[Optional[str], typer.Option(help="Ledger shared by the tasks (default: "
                                                           "journal:RUNS_DIR/ledger.journal)")] = None,
            set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False,
-           runs_dir: Annotated[Path, typer.Option(help="Shared by every node: checkpoints, ledger, logs")] = Path("runs"),
-           compile: CompileOpt = False, heartbeat: HeartbeatOpt = 5, grace: GraceOpt = 15) -> None:
+           runs_dir: Annotated[Path, typer.Option(help="Shared by every node: checkpoints, ledger, logs")
+                               ] = RUN_DEFAULTS.runs_dir,
+           compile: CompileOpt = RUN_DEFAULTS.compile, heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s,
+           grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
     """Train a study (or its search) on a SLURM job array of workers sharing one ledger."""
-    from .cluster import SlurmOptions, submit as submit_array
-    from .runner import RunOptions
+    from .cluster import submit as submit_array
     if not slurm:
         raise ChaeError("submit: say where, e.g. --slurm (the one scheduler supported)")
     loaded = _load(study, set_, epochs, seeds, adaptive)
@@ -211,12 +227,16 @@ def submit(study: StudyArg,
 @clean_errors
 def report(study: Annotated[str, typer.Argument(help="Study name or YAML file")],
            out: Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<study>)")] = None) -> None:
-    """Build the comparison report of a study from its MLflow runs."""
+    """Build the comparison report of a study from its MLflow runs (a YAML file: of that version of it)."""
     from .report import write_report
     from .study import check_name
     from .tracking import experiment_link
-    name = _load(Path(study), None, None, None).name if study.endswith((".yaml", ".yml")) else check_name(study)
-    typer.echo(f"report: {write_report(name, out)}")
+    if study.endswith((".yaml", ".yml")):
+        loaded = _load(Path(study), None, None, None)
+        name, plan = loaded.name, loaded.plan()
+    else:
+        name, plan = check_name(study), None
+    typer.echo(f"report: {write_report(name, out, plan)}")
     typer.echo(f"mlflow: {experiment_link(name)}  (run `mlflow ui` here first for a local store)")
 
 

@@ -23,25 +23,13 @@ from . import tracking
 from .errors import ChaeError
 from .files import inside
 from .ledger import journal_file, storage_url
-from .runner import RunOptions, run_study, start_study
+from .options import RunOptions, SlurmOptions
+from .runner import run_study, start_study
+from .search import baseline_study, run_search
 from .study import Study
 
 SIGNAL_DELAY_S = 120  # SIGUSR2 this long before the time limit: time to finish an epoch's checkpoint
 MAX_TIMEOUTS = 50  # requeues after a time limit per task (submitit's default, 3, ends long studies early)
-
-
-@dataclass(frozen=True)
-class SlurmOptions:
-    """One job array, in sbatch's vocabulary."""
-
-    array: int = 2  # tasks (workers) in the array
-    partition: str | None = None
-    gpus_per_task: int = 1
-    cpus_per_task: int = 8  # also the worker's torch threads
-    time: str = "4:00:00"  # per task: MINUTES, HH:MM:SS or D-HH:MM:SS
-    account: str | None = None
-    mem_gb: int | None = None
-    setup: tuple[str, ...] = ()  # shell lines before the task starts, e.g. "module load cuda"
 
 
 @dataclass
@@ -82,14 +70,13 @@ class ArrayTask:
     def __call__(self, index: int) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri  # the submitter's store, from any node
         if self.search:
-            from .search import run_search
             summary = run_search(self.study, self.options, report=index == 0, joining=index > 0)
             return f"search task {index}: the search has {len(summary.trials)} trial(s)"
         result = run_study(self.study, self.options, report=True)
         if result.unfinished:
             raise ChaeError(f"{len(result.unfinished)} of {len(result.cells)} cells did not finish; "
                             "resubmit to retry")
-        return f"task {index}: {len(result.cells)} cells COMPLETE, report {result.report}"
+        return f"task {index}: {len(result.cells)} cells done, report {result.report}"
 
     def checkpoint(self, index: int):
         """Requeue this task as it was: the cell it held resumes from its epoch checkpoint."""
@@ -125,7 +112,6 @@ def submit(study: Study, options: RunOptions, slurm: SlurmOptions, search: bool 
     options = shared_options(options, slurm)
     timeout = minutes(slurm.time)
     if search:
-        from .search import baseline_study
         start_study(baseline_study(study), options)
     else:
         start_study(study, options)

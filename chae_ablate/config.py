@@ -11,17 +11,27 @@ import collections
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from functools import partial
 
-POOLS = ("max", "avg", "none")
-ACTIVATIONS = ("gelu", "relu", "silu")
-SOURCES = ("folder", "digits", "synthetic")
-OPTIMIZERS = ("adam", "adamw", "sgd")
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .metrics import LOWER_IS_BETTER, RANKING
+from .sources import SOURCES
+
+# Every choice a study file can name is one dict from name to implementation; its keys are what
+# the validator accepts. (Data sources, samplers and pruners live with their code: sources.py, ledger.)
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}  # model.activation
+POOLS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d, "none": None}  # conv stages' pool, conv.extra_pool
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW,  # protocol.optimizer
+              "sgd": partial(torch.optim.SGD, momentum=0.9)}
 
 
 @dataclass(frozen=True)
@@ -32,11 +42,10 @@ class ConvStage:
     pool: str = "max"  # down-sampling after the stage: max | avg | none (2x2, stride 2)
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "channels", "kernel", "layers") + _at_most(self, channels=4096, kernel=31, layers=16)
+        errors = positive(self, "channels", "kernel", "layers") + at_most(self, channels=4096, kernel=31, layers=16)
         if self.kernel % 2 == 0:
             errors.append(("kernel", f"{self.kernel} is even; use an odd size such as 3 or 5"))
-        if self.pool not in POOLS:
-            errors.append(("pool", f"{short(self.pool)} is not one of {', '.join(POOLS)}"))
+        errors += one_of(self, "pool", POOLS)
         return errors
 
 
@@ -51,21 +60,20 @@ class ConvConfig:
     spatial_dropout: float = 0.0  # Dropout2d after every stage (paper: 0)
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "extra_pool_size") + _probability(self, "spatial_dropout")
-        errors += _at_most(self, extra_pool_size=64)
+        errors = positive(self, "extra_pool_size") + probability(self, "spatial_dropout")
+        errors += at_most(self, extra_pool_size=64)
         if len(self.stages) > 8:
             errors.append(("stages", f"has {len(self.stages)} stages; at most 8 are supported"))
         if not self.stages:
             errors.append(("stages", "is empty; give at least one stage, e.g. [{channels: 32}]"))
-        if self.extra_pool not in POOLS:
-            errors.append(("extra_pool", f"{short(self.extra_pool)} is not one of {', '.join(POOLS)}"))
+        errors += one_of(self, "extra_pool", POOLS)
         return errors
 
     @property
     def stride(self) -> int:
         """Total down-sampling factor of the conv trunk."""
-        stride = 2 ** sum(stage.pool != "none" for stage in self.stages)
-        return stride * (self.extra_pool_size if self.extra_pool != "none" else 1)
+        stride = 2 ** sum(POOLS[stage.pool] is not None for stage in self.stages)
+        return stride * (self.extra_pool_size if POOLS[self.extra_pool] is not None else 1)
 
 
 @dataclass(frozen=True)
@@ -78,8 +86,8 @@ class TransformerConfig:
     attn_dropout: float = 0.0  # dropout on attention weights
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "depth", "heads", "dim") + _probability(self, "mlp_dropout", "attn_dropout")
-        errors += _at_most(self, depth=64, dim=4096, heads=4096)
+        errors = positive(self, "depth", "heads", "dim") + probability(self, "mlp_dropout", "attn_dropout")
+        errors += at_most(self, depth=64, dim=4096, heads=4096)
         errors += [(f"mlp_hidden.{i}", f"{h} must be > 0 and at most 16,384")
                    for i, h in enumerate(self.mlp_hidden) if not 0 < h <= 16384]
         if len(self.mlp_hidden) > 8:
@@ -98,9 +106,8 @@ class ModelConfig:
     activation: str = "gelu"  # activation in conv stages and MLPs: gelu | relu | silu
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "resolution") + _at_most(self, resolution=2048)
-        if self.activation not in ACTIVATIONS:
-            errors.append(("activation", f"{short(self.activation)} is not one of {', '.join(ACTIVATIONS)}"))
+        errors = positive(self, "resolution") + at_most(self, resolution=2048)
+        errors += one_of(self, "activation", ACTIVATIONS)
         stride = self.conv.stride
         if self.resolution > 0 and self.conv.stages:
             if self.resolution % stride:
@@ -131,7 +138,7 @@ class AugmentConfig:
     flip: bool = True  # random horizontal flip, p = 0.5
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _at_most(self, copies=64, rotation=180, shear=89)
+        errors = at_most(self, copies=64, rotation=180, shear=89)
         if self.copies < 0:
             errors.append(("copies", f"{self.copies} must be >= 0 (0 turns augmentation off)"))
         if self.rotation < 0 or self.shear < 0:
@@ -152,13 +159,12 @@ class DataConfig:
     synthetic_per_class: int = 40  # synthetic source: images per class
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "synthetic_classes", "synthetic_per_class")
-        errors += _seed_range(self, "split_seed", self.split_seed)
-        errors += _at_most(self, synthetic_classes=1000, synthetic_per_class=10_000)
-        if self.source not in SOURCES:
-            errors.append(("source", f"{short(self.source)} is not one of {', '.join(SOURCES)}"))
-        if self.source == "folder" and not self.root:
-            errors.append(("root", "is required when source is 'folder'"))
+        errors = positive(self, "synthetic_classes", "synthetic_per_class")
+        errors += seed_range(self, "split_seed", self.split_seed)
+        errors += at_most(self, synthetic_classes=1000, synthetic_per_class=10_000)
+        errors += one_of(self, "source", SOURCES)
+        if self.source in SOURCES and SOURCES[self.source].needs_root and not self.root:
+            errors.append(("root", f"is required when source is '{self.source}'"))
         if self.root is not None and (len(self.root) > 4096 or "\0" in self.root):
             errors.append(("root", f"{short(self.root)} is not a usable path (over 4,096 characters or a NUL byte)"))
         for name in ("test_fraction", "val_fraction"):
@@ -178,15 +184,14 @@ class ProtocolConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # the paper's Keras augmentation
 
     def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "epochs", "batch_size", "lr") + _at_most(self, epochs=10_000, batch_size=65_536)
+        errors = positive(self, "epochs", "batch_size", "lr") + at_most(self, epochs=10_000, batch_size=65_536)
         if self.weight_decay < 0:
             errors.append(("weight_decay", f"{self.weight_decay} must be >= 0"))
         for i, seed in enumerate(self.seeds):
-            errors += _seed_range(self, f"seeds.{i}", seed)
+            errors += seed_range(self, f"seeds.{i}", seed)
         if len(self.seeds) > 10_000:
             errors.append(("seeds", f"has {len(self.seeds):,} seeds; at most 10,000 are supported"))
-        if self.optimizer not in OPTIMIZERS:
-            errors.append(("optimizer", f"{short(self.optimizer)} is not one of {', '.join(OPTIMIZERS)}"))
+        errors += one_of(self, "optimizer", OPTIMIZERS)
         if not self.seeds:
             errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
         repeated = [(seed, n) for seed, n in collections.Counter(self.seeds).items() if n > 1]
@@ -195,27 +200,23 @@ class ProtocolConfig:
         return errors
 
 
-METRICS = ("best_val_loss", "test_loss", "test_acc")  # what a study may decide on
-
-
 @dataclass(frozen=True)
 class AnalysisConfig:
     """How the study decides (a study-level question, not a training setting: no cell hash sees it)."""
 
-    metric: str = "best_val_loss"  # best_val_loss | test_loss (lower is better) | test_acc (higher is better)
+    metric: str = RANKING  # best_val_loss | test_loss (lower is better) | test_acc (higher is better)
     margin: float = 0.05  # the smallest difference that matters (a fraction of the baseline's mean if relative)
     relative: bool = True  # margin is a fraction of the baseline's mean over its first look
     alpha: float = 0.05  # family-wise error rate over all variants and looks
     min_seeds: int = 3  # adaptive: seeds every variant runs in the first round
     max_seeds: int = 10  # adaptive: the most seeds an undecided variant gets
-    step: int | None = None  # adaptive: seeds added per round (none: doubling, 3 -> 6 -> 10)
+    step: int | None = None  # adaptive: seeds added per round (none: doubling; stats.looks)
     adaptive: bool = False  # add seeds only to undecided variants, in rounds (or: run --adaptive)
     vary_split: bool = False  # each seed also draws its own train/val/test split
 
     def check(self) -> list[tuple[str, str]]:
         errors = []
-        if self.metric not in METRICS:
-            errors.append(("metric", f"{short(self.metric)} is not one of {', '.join(METRICS)}"))
+        errors += one_of(self, "metric", LOWER_IS_BETTER)
         if not self.margin > 0:
             errors.append(("margin", f"{self.margin} must be > 0 (the smallest difference that matters)"))
         elif self.relative and self.margin >= 1:
@@ -232,54 +233,6 @@ class AnalysisConfig:
         return errors
 
 
-SAMPLERS = ("tpe", "gp", "random")
-PRUNERS = ("baseline", "median", "hyperband", "none")
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One dimension of a search space: a dotted path (as in a variant's set:) and its values."""
-
-    path: str  # e.g. model.transformer.depth
-    choices: tuple = ()  # categorical values (scalars); empty for a range
-    low: float | None = None  # range bounds, inclusive; ints when both are ints
-    high: float | None = None
-    step: float | None = None  # range step (ints: default 1; floats: continuous when none)
-    log: bool = False  # sample the range on a log scale
-
-    @property
-    def integer(self) -> bool:
-        return not self.choices and all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high))
-
-
-@dataclass(frozen=True)
-class SearchConfig:
-    """`chae-ablate search`: Optuna explores the knobs, then the best are re-tested on fresh seeds."""
-
-    trials: int = 20  # trials trained (rejected combinations do not count; the report counts them)
-    sampler: str = "tpe"  # tpe (multivariate, grouped) | gp | random
-    seeds: tuple[int, ...] = (0,)  # seeds of every trial (and of the baseline it is pruned against)
-    pruner: str = "baseline"  # baseline (worse than the baseline's curve by > margin) | median | hyperband | none
-    top_k: int = 3  # the best configurations, re-tested as variants against the baseline on fresh seeds
-    confirm_seed: int = 1000  # first seed of the confirmation study (fresh: never used by a trial)
-
-    def check(self) -> list[tuple[str, str]]:
-        errors = _positive(self, "trials", "top_k") + _at_most(self, trials=10_000, top_k=50)
-        if self.sampler not in SAMPLERS:
-            errors.append(("sampler", f"{short(self.sampler)} is not one of {', '.join(SAMPLERS)}"))
-        if self.pruner not in PRUNERS:
-            errors.append(("pruner", f"{short(self.pruner)} is not one of {', '.join(PRUNERS)}"))
-        if not self.seeds:
-            errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
-        for i, seed in enumerate(self.seeds):
-            errors += _seed_range(self, f"seeds.{i}", seed)
-        errors += _seed_range(self, "confirm_seed", self.confirm_seed)
-        if self.confirm_seed <= max(self.seeds, default=0):
-            errors.append(("confirm_seed", f"{self.confirm_seed} must be above every search seed "
-                           "(the confirmation uses fresh seeds)"))
-        return errors
-
-
 @dataclass(frozen=True)
 class ExperimentConfig:
     """Everything one training run depends on."""
@@ -289,11 +242,11 @@ class ExperimentConfig:
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
 
-def _positive(obj: Any, *names: str) -> list[tuple[str, str]]:
+def positive(obj: Any, *names: str) -> list[tuple[str, str]]:
     return [(n, f"{getattr(obj, n)} must be > 0") for n in names if getattr(obj, n) <= 0]
 
 
-def _at_most(obj: Any, **limits: int) -> list[tuple[str, str]]:
+def at_most(obj: Any, **limits: int) -> list[tuple[str, str]]:
     """Upper bounds that keep one cell within what a single GPU can hold: a typo such as
     resolution 160000 fails here, not as a 51 GB allocation."""
     return [(n, f"{getattr(obj, n)} is larger than the supported maximum {limit:,}")
@@ -304,13 +257,21 @@ MAX_SEED = 2**31 - 1
 MAX_INT = 2**63 - 1  # any int setting: bounding it in _convert keeps every later message short
 
 
-def _seed_range(obj: Any, name: str, seed: int) -> list[tuple[str, str]]:
+def seed_range(obj: Any, name: str, seed: int) -> list[tuple[str, str]]:
     if 0 <= seed <= MAX_SEED:
         return []
     return [(name, f"{short(seed)} is out of range; seeds are integers from 0 to {MAX_SEED:,}")]
 
 
-def _probability(obj: Any, *names: str) -> list[tuple[str, str]]:
+def one_of(obj: Any, name: str, choices) -> list[tuple[str, str]]:
+    """A setting that must name one of `choices` (a registry's keys)."""
+    value = getattr(obj, name)
+    if value in choices:
+        return []
+    return [(name, f"{short(value)} is not one of {', '.join(choices)}{did_you_mean(str(value), choices, quiet=True)}")]
+
+
+def probability(obj: Any, *names: str) -> list[tuple[str, str]]:
     return [(n, f"{getattr(obj, n)} must be in [0, 1)") for n in names if not 0 <= getattr(obj, n) < 1]
 
 
@@ -323,6 +284,21 @@ def to_dict(config: Any) -> Any:
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
     return config
+
+
+def dotted(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested plain data as {dotted.path: value}, the paths overrides use: a list of mappings item by
+    item (model.conv.stages.0.kernel), any other list as one value (protocol.seeds)."""
+    if isinstance(tree, dict):
+        items = tree.items()
+    elif isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        items = ((str(i), v) for i, v in enumerate(tree))
+    else:
+        return {prefix[:-1]: tree}
+    out: dict[str, Any] = {}
+    for key, value in items:
+        out.update(dotted(value, f"{prefix}{key}."))
+    return out
 
 
 def parse(cls: type, data: Any, path: str = "") -> Any:
@@ -352,12 +328,13 @@ MOVED = {"data.augment": "moved to protocol.augment (augmentation is part of the
                          "move this block under protocol:"}
 
 
-def did_you_mean(word: str, options: typing.Iterable[str]) -> str:
+def did_you_mean(word: str, options: typing.Iterable[str], quiet: bool = False) -> str:
+    """' (did you mean 'X'?)' for the closest option, else the valid ones (nothing when quiet)."""
     options = [str(o) for o in options]
     close = difflib.get_close_matches(str(word)[:100], options, n=1)
     if close:
         return f" (did you mean '{close[0]}'?)"
-    return f" (valid: {', '.join(options)})"
+    return "" if quiet else f" (valid: {', '.join(options)})"
 
 
 def _join(path: str, key: Any) -> str:
@@ -411,6 +388,18 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     if hint is int and not -MAX_INT <= value <= MAX_INT:
         raise ConfigError(f"{path}: {short(value)} is out of range for a setting (|value| <= 2**63 - 1)")
     return value
+
+
+INDEX_RULE = re.compile(r"0|[1-9][0-9]{0,5}")  # one spelling per list item in a dotted path: not 00, not '²'
+
+
+def item_index(part: str, items: list, where: str) -> int:
+    """The list index that one part of a dotted path names (`stages.0`); a ConfigError starting with
+    `where` when it names no item of `items`."""
+    if not INDEX_RULE.fullmatch(part) or int(part) >= len(items):
+        valid = f"valid indices are 0..{len(items) - 1}" if items else "the list is empty"
+        raise ConfigError(f"{where}: no item {short(part)}; {valid}")
+    return int(part)
 
 
 def _number_hint(hint: Any, value: Any) -> str:

@@ -13,11 +13,13 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from . import stats
-from .study import BASELINE
+from .files import atomic_write
+from .metrics import Metric
+from .records import BASELINE, Verdict
 
 DPI = 120
-VERDICT_COLOURS = {"baseline": "black", "better": "tab:green", "worse": "tab:red",
-                   "equivalent": "tab:blue"}  # undecided, pending: grey
+VERDICT_COLOURS = {Verdict.BASELINE: "black", Verdict.BETTER: "tab:green", Verdict.WORSE: "tab:red",
+                   Verdict.EQUIVALENT: "tab:blue"}  # undecided, pending: grey
 
 
 def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> Path:
@@ -25,10 +27,11 @@ def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> P
     epochs = range(1, len(history) + 1)
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
-    for key, style in (("train", "--"), ("val", "-")):
-        loss_ax.plot(epochs, [h[f"{key}_loss"] for h in history], style, label=key)
-        acc_ax.plot(epochs, [h[f"{key}_acc"] for h in history], style, label=key)
-    best = min(epochs, key=lambda e: history[e - 1]["val_loss"])
+    for key, loss, acc, style in (("train", Metric.TRAIN_LOSS, Metric.TRAIN_ACC, "--"),
+                                  ("val", Metric.VAL_LOSS, Metric.VAL_ACC, "-")):
+        loss_ax.plot(epochs, [h[loss] for h in history], style, label=key)
+        acc_ax.plot(epochs, [h[acc] for h in history], style, label=key)
+    best = min(epochs, key=lambda e: history[e - 1][Metric.VAL_LOSS])
     loss_ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"best val (epoch {best})")
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
@@ -36,17 +39,11 @@ def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> P
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend()
         ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    return path
+    return save_png(fig, path, dpi=100)
 
 
 def _colour(verdict: str) -> str:
     return VERDICT_COLOURS.get(verdict, "tab:gray")
-
-
-def _labels(summary: pd.DataFrame) -> list[str]:
-    return [f"{v} (n={n})" for v, n in zip(summary["variant"], summary["n"])]
 
 
 def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
@@ -92,7 +89,7 @@ def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame)
         g = ep[ep["variant"] == r.variant] if not ep.empty else ep
         if g.empty:
             continue
-        curve = g.groupby("epoch")["val_loss"].agg(["mean", "std"])
+        curve = g.groupby("epoch")[Metric.VAL_LOSS].agg(["mean", "std"])
         ax.plot(curve.index, curve["mean"], color=colour, lw=2.6 if is_base else 1.3,
                 zorder=3 if is_base else 2, label=f"{r.variant} (n={r.n})")
         if r.n >= 2:
@@ -111,7 +108,7 @@ def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame)
 
 def fig_cost(summary: pd.DataFrame) -> Figure:
     """Parameters (and MFLOPs per image, when logged) against the study's metric."""
-    axes_for = [("n_params", "parameters (thousands)", 1e-3), ("mflops", "MFLOPs per image", 1.0)]
+    axes_for = [(Metric.N_PARAMS, "parameters (thousands)", 1e-3), (Metric.MFLOPS, "MFLOPs per image", 1.0)]
     axes_for = [a for a in axes_for if summary[a[0]].notna().any()] or axes_for[:1]
     fig = Figure(figsize=(6 * len(axes_for), 5), layout="constrained")
     axs = np.atleast_1d(fig.subplots(1, len(axes_for), sharey=True))
@@ -143,7 +140,12 @@ def write_report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.
                     "Validation loss per epoch, mean over seeds ± 1 sd; baseline in black."),
                    ("params_vs_metric.png", fig_cost(summary),
                     "Model size and compute against the study's metric; dashed line = baseline.")]
-    (out_dir / "figures").mkdir(parents=True, exist_ok=True)
     for name, fig, _ in figures:
-        fig.savefig(out_dir / "figures" / name, dpi=DPI)
+        save_png(fig, out_dir / "figures" / name)
     return [(f"figures/{name}", caption) for name, _, caption in figures]
+
+
+def save_png(fig: Figure, path: Path, dpi: int = DPI) -> Path:
+    """A figure as a PNG file, written atomically (a report rewritten by several SLURM tasks at once
+    never shows half a picture)."""
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=dpi))

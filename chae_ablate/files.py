@@ -1,8 +1,10 @@
-"""Files on disk: one atomic writer, and paths that cannot leave their folder.
+"""Files on disk: one atomic writer, paths that cannot leave their folder, file locks, and the
+database file of a sqlite URL.
 
 Every file the tool writes that another process may read while it is written (caches, manifests,
 checkpoints, report files) goes through `atomic_write`; every path built from a study name, a cell
-hash or any other user-influenced name goes through `inside`.
+hash or any other user-influenced name goes through `inside`; every path a message prints goes
+through `shown`.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator
+
+from sqlalchemy.engine import make_url
 
 from .errors import ChaeError
 
@@ -34,6 +38,20 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> Path:
 
 def atomic_write_text(path: Path, text: str) -> Path:
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def shown(name: str | Path, width: int | None = 200) -> str:
+    """A path or file name as messages print it: on one line (control and format characters such as
+    a newline or a right-to-left override escaped, so a name cannot fake a line), a name's
+    undecodable bytes as \\xNN, cut to `width` characters (None: whole, as data listings print
+    names, so that a deep path stays findable)."""
+    text = str(name)
+    try:
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that no file name produces: escaped below
+        pass
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
 
 
 def inside(parent: Path, *parts: str) -> Path:
@@ -63,3 +81,15 @@ def file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file a sqlite URL names (an Optuna ledger's, or MLflow's store), else None (a
+    server, a journal file, sqlite in memory, a URL that does not parse)."""
+    if not url.startswith("sqlite"):
+        return None
+    try:
+        database = make_url(url).database
+    except Exception:
+        return None
+    return Path(database) if database and database != ":memory:" else None

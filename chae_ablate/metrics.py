@@ -1,12 +1,31 @@
 """What a cell measures: the per-epoch metrics and the cell's result, and their names.
 
-Training fills these types; tracking logs their fields under the same names and the report reads
-them back, so a metric's name is written once, here.
+Training fills these types; tracking logs their fields under the same names, the ledger keeps a
+finished cell's summary, and the report reads them back as columns: a metric's name is written
+once, here, in Metric (the dataclasses' fields are checked against it at import).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+
+class Metric:
+    """Every metric's name (plain strings: they are keys of checkpoints, which load weights_only)."""
+
+    TRAIN_LOSS = "train_loss"
+    TRAIN_ACC = "train_acc"
+    VAL_LOSS = "val_loss"
+    VAL_ACC = "val_acc"
+    BEST_VAL_LOSS = "best_val_loss"
+    BEST_EPOCH = "best_epoch"
+    VAL_ACC_AT_BEST = "val_acc_at_best"
+    TEST_LOSS = "test_loss"
+    TEST_ACC = "test_acc"
+    N_PARAMS = "n_params"
+    MFLOPS = "mflops"
+    IMAGES_PER_S = "images_per_s"
+    WALL_TIME_S = "wall_time_s"
 
 
 @dataclass(frozen=True)
@@ -39,6 +58,16 @@ class CellResult:
         return {name: float(getattr(self, name)) for name in SUMMARY_METRICS}
 
 
-EPOCH_METRICS = tuple(f.name for f in dataclasses.fields(EpochMetrics))
-SUMMARY_METRICS = tuple(f.name for f in dataclasses.fields(CellResult)
-                        if f.name not in ("history", "resumed_from"))
+def _named(cls: type, leave: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The metric fields of a dataclass; a field that Metric does not name fails at import."""
+    names = tuple(f.name for f in dataclasses.fields(cls) if f.name not in leave)
+    unnamed = set(names) - set(vars(Metric).values())
+    if unnamed:
+        raise TypeError(f"metrics.Metric lacks {unnamed}")
+    return names
+
+
+EPOCH_METRICS = _named(EpochMetrics)
+SUMMARY_METRICS = _named(CellResult, leave=("history", "resumed_from"))
+RANKING = Metric.BEST_VAL_LOSS  # a cell's value in the ledger, a search trial's objective, the default decision metric
+LOWER_IS_BETTER = {Metric.BEST_VAL_LOSS: True, Metric.TEST_LOSS: True, Metric.TEST_ACC: False}  # what a study may decide on

@@ -10,10 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ConvConfig, ModelConfig, TransformerConfig
-
-ACTIVATION_LAYERS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
-POOL_LAYERS = {"max": nn.MaxPool2d, "avg": nn.AvgPool2d}
+from .config import ACTIVATIONS, POOLS, ConvConfig, ModelConfig, TransformerConfig
 
 
 def conv_trunk(conv: ConvConfig, act: type[nn.Module]) -> nn.Sequential:
@@ -26,12 +23,12 @@ def conv_trunk(conv: ConvConfig, act: type[nn.Module]) -> nn.Sequential:
                        nn.Conv2d(in_ch, stage.channels, stage.kernel, padding=stage.kernel // 2),
                        act()]
             in_ch = stage.channels
-        if stage.pool != "none":
-            layers.append(POOL_LAYERS[stage.pool](2))
+        if POOLS[stage.pool] is not None:
+            layers.append(POOLS[stage.pool](2))
         if conv.spatial_dropout:
             layers.append(nn.Dropout2d(conv.spatial_dropout))
-    if conv.extra_pool != "none":
-        layers.append(POOL_LAYERS[conv.extra_pool](conv.extra_pool_size))
+    if POOLS[conv.extra_pool] is not None:
+        layers.append(POOLS[conv.extra_pool](conv.extra_pool_size))
     return nn.Sequential(*layers)
 
 
@@ -79,7 +76,7 @@ class EncoderLayer(nn.Module):
 class CHAE(nn.Module):
     def __init__(self, cfg: ModelConfig, num_classes: int):
         super().__init__()
-        act = ACTIVATION_LAYERS[cfg.activation]
+        act = ACTIVATIONS[cfg.activation]
         dim, conv_width = cfg.transformer.dim, cfg.conv.stages[-1].channels
         self.trunk = conv_trunk(cfg.conv, act)
         self.project = nn.Linear(conv_width, dim) if dim != conv_width else nn.Identity()

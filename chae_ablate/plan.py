@@ -6,34 +6,21 @@ a 999-variant study plans in under two minutes, with a progress bar on a termina
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pandas as pd
 from tqdm import tqdm
 
 from .config import DataConfig, ModelConfig
-from .data import class_names
 from .model import forward_flops, parameter_count
-from .study import Study, changed_paths, shown
+from .sources import SOURCES
+from .study import Study, changed_paths
 
-PAPER_CLASSES = 11
 PROGRESS_FROM = 50  # variants; smaller studies plan in a few seconds
 
 
 def expected_classes(data: DataConfig) -> tuple[int, str]:
     """Number of classes the data will have, and where that number comes from."""
-    if data.source == "digits":
-        return 10, "digits"
-    if data.source == "synthetic":
-        return data.synthetic_classes, "synthetic"
-    root = Path(data.root or "")
-    try:
-        if root.is_dir():
-            return len(class_names(root)), shown(root)
-        why = "not found"
-    except OSError as err:  # a name the OS refuses (a component over 255 bytes), a folder we may not read
-        why = f"unreadable ({err.strerror})"
-    return PAPER_CLASSES, f"{shown(root)} {why}; the paper's {PAPER_CLASSES} classes assumed"
+    return SOURCES[data.source].classes(data)
 
 
 def model_cost(model: ModelConfig, num_classes: int) -> tuple[int, float]:

@@ -30,10 +30,9 @@ from functools import partial
 from pathlib import Path
 from typing import IO, Callable, Iterator
 
-from .data import (Unusable, describe_error, map_images, open_regular, read_image, scan_tree, shown,
-                   walk_files)
 from .errors import DataError
-from .files import inside
+from .files import inside, shown
+from .images import Unusable, describe_error, map_images, open_regular, read_image, scan_tree, walk_files
 
 Opener = Callable[[], IO[bytes]]
 # what reading a damaged, encrypted or unsupported zip member raises (a folder's file: OSError)
@@ -58,7 +57,7 @@ class PrepareResult:
         lines += [f"mismatch: {m}" for m in self.mismatched]
         lines += [f"unrecognised: {u}" for u in self.unrecognised]
         lines += [f"skipped: {u}" for u in self.skipped]
-        return "\n".join(map(shown, lines))  # a name with a newline cannot fake a line
+        return "\n".join(map(partial(shown, width=None), lines))  # a name with a newline cannot fake a line
 
     __str__ = format
 
@@ -97,7 +96,7 @@ def _archive(source: Path) -> Iterator[tuple[dict[str, Opener], list[str]]]:
     every entry left out (symlinks, special files, names that collide); unsafe zip members refused."""
     if source.is_dir():
         files, unread = walk_files(source, hidden=True, follow=False)
-        skipped = [f"{shown(name)}: {reason}" for name, reason in unread]
+        skipped = [f"{shown(name, width=None)}: {reason}" for name, reason in unread]
         yield _unique([(name, partial(open_regular, source / name, follow=False)) for name in files],
                       skipped), skipped
     elif zipfile.is_zipfile(source):
@@ -307,7 +306,7 @@ class DatasetCheck:
         lines += [f"unreadable: {u}" for u in self.unreadable]
         lines += [f"skipped: {u}" for u in self.skipped]
         lines += [f"problem: {p}" for p in self.problems]
-        return "\n".join(map(shown, lines))  # a name with a newline cannot fake a line
+        return "\n".join(map(partial(shown, width=None), lines))  # a name with a newline cannot fake a line
 
 
 def check_dataset(root: Path) -> DatasetCheck:
@@ -323,7 +322,7 @@ def check_dataset(root: Path) -> DatasetCheck:
         else:
             per_class[label].append(result)
     return DatasetCheck(root, tuple(_class_check(n, infos) for n, infos in zip(scan.classes, per_class)),
-                        tuple(unreadable), tuple(f"{shown(rel)}: {reason}" for rel, reason in scan.skipped))
+                        tuple(unreadable), tuple(f"{shown(rel, width=None)}: {reason}" for rel, reason in scan.skipped))
 
 
 def _inspect(path: Path) -> tuple[tuple[int, int], str] | str:

@@ -1,4 +1,4 @@
-"""Running a study: workers and processes over the ledger (ledger.py), recorded in MLflow (tracking.py).
+"""Running a study: workers and processes over the ledger (ledger/), recorded in MLflow (tracking.py).
 
 A Worker claims cells from the ledger and trains them one at a time — in this process, in child
 processes (`--workers N`) or on other machines (`chae-ablate worker`). Every failure of one cell
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -17,54 +18,36 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import tracking
-from .analysis import analyse
+from . import tracking, versions
+from .analysis import Outcome, Plan, outcome
 from .config import DataConfig
 from .data import Dataset, load_dataset
 from .errors import ChaeError
 from .figures import learning_curve
 from .files import inside
-from .ledger import CellState, Claim, Ledger, lost_ledger, retrying, shown, study_exists
+from .ledger import Claim, Ledger, delete_study, lost_ledger, masked, recorded_versions, retrying, study_exists
+from .metrics import Metric
+from .options import RunOptions
+from .records import CellRecord, CellState, PlannedCell
+from .report import summary_table_text, write_report
 from .study import Cell, Study
 from .train import CellFailed, checkpoint_epochs, pick_device, train_cell
-
-
-@dataclass(frozen=True)
-class RunOptions:
-    storage: str | None = None  # Optuna RDB URL; default sqlite under runs_dir
-    workers: int = 1  # cells trained at once on this machine
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    runs_dir: Path = Path("runs")  # caches, checkpoints, the default ledger, MLflow artifacts
-    fresh: bool = False  # forget earlier results of this study and start over
-    progress: bool = True  # progress bars (one line per finished cell when not a terminal)
-    compile: bool = False  # torch.compile the model
-    threads: int | None = None  # torch CPU threads per worker (default: cores / workers)
-    heartbeat_s: int = 5  # how often a running cell proves its worker alive
-    grace_s: int = 15  # silence after which a running cell is failed and re-queued
-
-    @property
-    def bars(self) -> bool:
-        """Progress bars only on a terminal: a log file gets one line per finished cell instead."""
-        return self.progress and sys.stderr.isatty()
-
-    @property
-    def storage_url(self) -> str:
-        return self.storage or f"sqlite:///{(self.runs_dir / 'optuna.db').resolve()}"
+from .versions import Version
 
 
 @dataclass
 class RunSummary:
-    """What `run` did: one row per cell, and the report when one was written."""
+    """What `run` did: one record per cell the study needs, and the report when one was written."""
 
     study: str
-    cells: list[CellState]
+    cells: list[CellRecord]
     report: Path | None = None
     verdicts: str = ""  # the report's per-variant table, as text
     link: str | None = None  # the study's runs table in the MLflow UI
 
     @property
-    def unfinished(self) -> list[CellState]:
-        return [c for c in self.cells if c.state != "COMPLETE"]
+    def unfinished(self) -> list[CellRecord]:
+        return [c for c in self.cells if c.state != CellState.DONE]
 
 
 class LoadedData:
@@ -90,12 +73,12 @@ class StudySession:
 
 def open_session(study: Study, options: RunOptions, data: LoadedData | None = None) -> StudySession:
     ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
-    return StudySession(ledger, tracking.StudyLog(study, options.runs_dir),
+    return StudySession(ledger, tracking.StudyLog(study.plan(), options.runs_dir),
                         data or LoadedData(options.runs_dir, options.bars))
 
 
 def checkpoint_dir(options: RunOptions, study: Study, cell: Cell) -> Path:
-    return inside(options.runs_dir, "checkpoints", study.name, cell.hash)
+    return inside(options.runs_dir, "checkpoints", study.name, cell.cell_hash)
 
 
 class Worker:
@@ -103,42 +86,42 @@ class Worker:
 
     def __init__(self, study: Study, options: RunOptions, device: torch.device, session: StudySession):
         self.study, self.options, self.device, self.session = study, options, device, session
-        self.cells = {c.hash: c for c in study.cells()}
+        self.cells = {c.cell_hash: c for c in study.cells()}  # this version's cells: the only ones it claims
 
-    def run(self, poll_s: float = 2.0, on_cell_done=lambda cell, outcome: None) -> int:
+    def run(self, poll_s: float = 2.0, on_cell_done=lambda cell, result: None) -> int:
         """Returns the number of cells this worker trained."""
         ledger, done = self.session.ledger, 0
         while True:
-            claim = retrying(ledger.claim)
+            claim = retrying(ledger.claim, self.cells)
             if claim is None:
-                if retrying(ledger.others_active):
+                if retrying(ledger.active, self.cells):
                     time.sleep(poll_s)  # others are running: wait, in case one of them dies
                     continue
                 if retrying(ledger.queue, needed_cells(self.study, ledger), retry_failed=False):
                     continue  # an adaptive study's next look needs more seeds
                 return done
-            cell = self.cells.get(claim.cell_hash)
-            if cell is None or ledger.is_duplicate(claim):
-                claim.fail("duplicate or unknown cell; skipped")
+            cell = self.cells[claim.cell_hash]
+            if ledger.is_duplicate(claim):
+                claim.fail("duplicate of a cell another worker holds or finished; skipped")
                 continue
-            with claim.heartbeat(self.options.heartbeat_s):
-                outcome = self.run_cell(cell, claim)
+            with claim.heartbeat():
+                result = self.run_cell(cell, claim)
             done += 1
-            on_cell_done(cell, outcome)
+            on_cell_done(cell, result)
 
     def run_cell(self, cell: Cell, claim: Claim) -> str:
-        """Train one claimed cell; returns 'COMPLETE' or 'FAIL: reason'. Raises only when a
-        server is lost (then no other cell could be recorded either)."""
+        """Train one claimed cell; returns 'done' or 'failed: reason'. Raises only when a server is
+        lost (then no other cell could be recorded either)."""
         try:
             summary = self.train(cell, EpochReporter(claim.report, claim.reported_epochs))
         except CellError as err:
             _best_effort(claim.fail, err.reason)
-            return f"FAIL: {err.reason.splitlines()[0][:200] if err.reason else ''}"
+            return f"{CellState.FAILED}: {err.reason.splitlines()[0][:200] if err.reason else ''}"
         except ChaeError:
             _best_effort(claim.fail, "lost a server; rerun to resume")
             raise
         claim.complete(summary)
-        return "COMPLETE"
+        return CellState.DONE
 
     def train(self, cell: Cell, reporter: EpochReporter) -> dict[str, float]:
         """Train a cell with its MLflow run, checkpoints and system metrics; returns its summary
@@ -206,11 +189,11 @@ class EpochReporter:
         known = self.reported()
         for epoch, metrics in enumerate(history, start=1):
             if epoch not in known:
-                self.report(epoch, metrics["val_loss"])
+                self.report(epoch, metrics[Metric.VAL_LOSS])
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log_epoch(epoch, metrics)
-        if self.report(epoch, metrics["val_loss"]):
+        if self.report(epoch, metrics[Metric.VAL_LOSS]):
             raise CellPruned(epoch)
 
 
@@ -223,52 +206,96 @@ def check_runs_dir(options: RunOptions) -> None:
 
 
 def start_study(study: Study, options: RunOptions) -> StudySession:
-    """Everything that can fail before training: data present and cached, servers reachable;
-    then the study's cells queued."""
-    check_runs_dir(options)
+    """Everything that can fail before training: another study file under this name (refused,
+    nothing written), servers reachable, data present and cached; then this version of the study
+    recorded (saying what changed since the last run) and its cells queued."""
+    known = admit(study, options)
     data = LoadedData(options.runs_dir, options.bars)
     for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
         data.get(*key)  # builds each resolution's decode-once cache before any worker starts
-    tracking.check_tracking_server()
     if options.fresh:
-        _forget(study, options)
+        forget(study.name, options)
+        known = [], []
+    return _join(study, options, known, data)
+
+
+def admit(study: Study, options: RunOptions) -> tuple[list[Version], list[Version]]:
+    """Check what can be checked without writing anything: the runs folder, the tracking server, and
+    that no other study file uses this name here. Returns the versions the ledger and MLflow hold."""
+    check_runs_dir(options)
+    tracking.check_tracking_server()
+    plan = study.plan()
+    in_ledger = [Version.from_json(v) for v in recorded_versions(study.name, options.storage_url)]
+    in_mlflow = tracking.recorded_versions(study.name)
+    versions.refuse_other_file(plan, in_ledger, f"the ledger {masked(options.storage_url)}")
+    versions.refuse_other_file(plan, in_mlflow, f"the MLflow store {tracking.tracking_uri()}")
+    return in_ledger, in_mlflow
+
+
+def _join(study: Study, options: RunOptions, known: tuple[list[Version], list[Version]],
+          data: LoadedData | None = None) -> StudySession:
+    """Open the study's ledger and MLflow record, record this version, queue the cells it needs."""
+    plan = study.plan()
     session = open_session(study, options, data)
-    session.log.record_plan(study)
+    session.log.record_plan(plan)
+    _record_version(session, plan, *known)
     session.ledger.queue(needed_cells(study, session.ledger))  # failed cells of earlier runs retried
     return session
 
 
-def needed_cells(study: Study, ledger: Ledger) -> list[Cell]:
+def _record_version(session: StudySession, plan: Plan, in_ledger: list[Version], in_mlflow: list[Version]) -> None:
+    """Record this plan as a version of the study in each store that lacks it; on its first run,
+    say what changed since the last one."""
+    known = versions.merged(in_ledger, in_mlflow)
+    version = next((v for v in known if v.fingerprint == plan.fingerprint), None)
+    if version is None:
+        planned = {c.cell_hash for c in plan.cells}
+        seen = sum(r.state == CellState.DONE and r.cell_hash in planned for r in session.ledger.records())
+        previous = versions.latest(known, plan)
+        version = versions.new_version(plan, previous, seen)
+        if previous is not None:
+            changed = versions.changes(previous.plan, plan) if previous.plan is not None else []
+            cells = ("" if previous.plan is not None and {c.cell_hash for c in previous.plan.cells} <= planned else
+                     " Cells of earlier versions are kept and listed in the report, never counted.")
+            notify(f"study {plan.study} changed since the version first run {previous.recorded_at}: "
+                   f"{'; '.join(changed) or 'no plan of that run was kept'}.{cells}")
+        if version.analysis_changed:
+            notify(f"study {plan.study}: {', '.join(version.analysis_changed)} set after {seen} result(s) were "
+                   "seen; the report says so beside the verdicts (their error guarantee assumes settings fixed "
+                   "in advance).")
+    if not any(v.fingerprint == plan.fingerprint for v in in_mlflow):
+        session.log.record_version(version)
+    if not any(v.fingerprint == plan.fingerprint for v in in_ledger):
+        session.ledger.record_version(plan.fingerprint, version.to_json(with_plan=False))
+
+
+def notify(message: str) -> None:
+    """A line for the person running the command (stderr: stdout carries results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def needed_cells(study: Study, ledger: Ledger) -> tuple[PlannedCell, ...]:
     """The cells the study needs now: all of a fixed study; for an adaptive one, the rounds its
-    looks have reached (analysis.analyse replays them from the ledger's finished cells)."""
-    cells = {(c.variant.name, c.seed): c for c in study.cells()}
-    states = ledger.cell_states(list(cells.values()))
-    metric = study.analysis.metric
-    values: dict[str, dict[int, float]] = {}
-    for c in states:
-        if c.state == "COMPLETE" and c.metrics.get(metric) is not None:
-            values.setdefault(c.variant, {})[c.seed] = c.metrics[metric]
-    settled = {(c.variant, c.seed) for c in states if c.state in ("COMPLETE", "FAIL")}
-    outcome = analyse(values, lambda v, s: (v, s) in settled, [v.name for v in study.variants],
-                      {v.name: study.seeds(v) for v in study.variants}, study.analysis)
-    return [cells[(v, s)] for v, seeds in outcome.seeds.items() for s in seeds]
+    looks have reached (analysis.outcome replays them from the ledger's records)."""
+    return outcome(study.plan(), ledger.records()).needed
 
 
-def study_status(study: Study, options: RunOptions) -> list[CellState]:
-    """Where each cell the study needs now stands in the ledger, and who holds the running ones;
-    changes nothing (a dead worker's cell shows RUNNING until a worker re-queues it)."""
+def study_status(study: Study, options: RunOptions) -> Outcome:
+    """Where each cell the study needs now stands in the ledger, who holds the running ones, and
+    which cells of other versions the ledger keeps; changes nothing (a dead worker's cell shows
+    running until a worker re-queues it)."""
     if not study_exists(study.name, options.storage_url):
-        raise ChaeError(f"study {study.name}: not in the ledger {shown(options.storage_url)}; "
+        raise ChaeError(f"study {study.name}: not in the ledger {masked(options.storage_url)}; "
                         "start it first, or pass the --storage (and --runs-dir) it runs with")
     ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
-    return ledger.cell_states(needed_cells(study, ledger))
+    return outcome(study.plan(), ledger.records())
 
 
-def _forget(study: Study, options: RunOptions) -> None:
-    import shutil
-    Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s).delete()
-    shutil.rmtree(inside(options.runs_dir, "checkpoints", study.name), ignore_errors=True)
-    tracking.delete_study_runs(study.name)
+def forget(study_name: str, options: RunOptions) -> None:
+    """Forget a study's ledger, checkpoints and MLflow runs (--fresh)."""
+    delete_study(study_name, options.storage_url)
+    shutil.rmtree(inside(options.runs_dir, "checkpoints", study_name), ignore_errors=True)
+    tracking.delete_study_runs(study_name)
 
 
 def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSummary:
@@ -286,10 +313,9 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
         session.log.finish("FAILED")  # never leave the study's parent run RUNNING
         raise
     session.log.finish()
-    summary = RunSummary(study.name, session.ledger.cell_states(needed_cells(study, session.ledger)),
-                         link=tracking.experiment_link(study.name))
+    standing = outcome(study.plan(), session.ledger.records())
+    summary = RunSummary(study.name, list(standing.records.values()), link=tracking.experiment_link(study.name))
     if report:
-        from .report import summary_table_text, write_report
         summary.report = write_report(study.name)
         summary.verdicts = summary_table_text(summary.report.parent)
     return summary
@@ -330,11 +356,9 @@ def run_worker(study: Study, options: RunOptions) -> int:
 
     It queues missing cells too, so machines may start in any order; a cell queued twice by a
     race runs once (Ledger.is_duplicate)."""
-    check_runs_dir(options)
-    tracking.check_tracking_server()
+    known = admit(study, options)
     set_threads(options, 1)
-    session = open_session(study, options)
-    session.ledger.queue(needed_cells(study, session.ledger))
+    session = _join(study, options, known)
     with StudyProgress(session.ledger, study, options.progress) as bar:
         return Worker(study, options, pick_device(options.device), session).run(on_cell_done=bar.cell_done)
 
@@ -348,7 +372,7 @@ class StudyProgress:
     On a terminal a bar; otherwise (a log file, SLURM, CI) one line per finished cell."""
 
     def __init__(self, ledger: Ledger, study: Study, enabled: bool):
-        self.ledger, self.hashes = ledger, {c.hash for c in study.cells()}
+        self.ledger, self.plan = ledger, study.plan()
         self.interactive = enabled and sys.stderr.isatty()
         self.enabled = enabled
         self.bar = tqdm(total=1, desc=f"study {study.name}", unit="cell", disable=not self.interactive,
@@ -365,16 +389,17 @@ class StudyProgress:
             pass
         self.bar.close()
 
-    def cell_done(self, cell: Cell, outcome: str) -> None:
+    def cell_done(self, cell: Cell, result: str) -> None:
         done, failed = self.refresh()
         if self.enabled and not self.interactive:
-            print(f"[{done}/{self.bar.total} done, {failed} failed] {cell.label}: {outcome}", file=sys.stderr,
-                  flush=True)
+            notify(f"[{done}/{self.bar.total} done, {failed} failed] {cell.label}: {result}")
 
     def refresh(self) -> tuple[int, int]:
-        """Counts from the ledger; an adaptive study's total grows as its looks add seeds."""
-        done, failed, queued = self.ledger.progress(self.hashes)
-        self.bar.total = max(queued, 1)
+        """Counts from the ledger over the cells the study needs now, every worker's (an adaptive
+        study's total grows as its looks add seeds)."""
+        states = [r.state for r in outcome(self.plan, self.ledger.records()).records.values()]
+        done, failed = states.count(CellState.DONE), states.count(CellState.FAILED)
+        self.bar.total = max(len(states), 1)
         self.bar.n = done
         self.bar.set_postfix(failed=failed, refresh=False)
         self.bar.refresh()

@@ -11,23 +11,29 @@ luckiest trial as a finding.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import multiprocessing
 import random
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 
-from .analysis import absolute_margin
-from .config import Knob
+from .analysis import absolute_margin, outcome
+from .config import to_dict
 from .errors import ChaeError, ConfigError
-from .ledger import OVER_BUDGET, REJECTED, SearchLedger, make_pruner, make_sampler
-from .runner import (CellError, CellPruned, EpochReporter, RunOptions, RunSummary, StudySession, Worker,
-                     check_runs_dir, child_device, open_session, run_study, set_threads)
-from .study import Cell, Study, Variant, cell_hash
+from .ledger import OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, delete_study, search_settings, study_names
+from .metrics import RANKING
+from .options import RunOptions
+from .records import CellState
+from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
+                     child_device, forget, notify, open_session, run_study, set_threads)
+from .search_report import write_search_report
+from .space import Knob
+from .study import Study, Variant, cell_hash, config_key
 from .train import pick_device
 
 
@@ -43,6 +49,22 @@ class SearchSummary:
 
 def search_name(study: Study) -> str:
     return f"{study.name}-search"
+
+
+def search_settings_of(study: Study, budget: int) -> dict:
+    """Everything that shapes a search's trials: its space, seeds, sampler, pruner and budget, and
+    the baseline they train from (epochs included). A search with other settings is another search."""
+    s = study.search
+    return {"space": [asdict(k) for k in study.space], "seeds": list(s.seeds), "sampler": s.sampler,
+            "pruner": s.pruner, "trials": budget, "baseline": config_key(study.baseline.config),
+            "margin": to_dict(study.analysis)["margin"]}
+
+
+def trials_name(study: Study, budget: int) -> str:
+    """The Optuna study of this search's trials: named by a hash of its settings, so a changed search
+    starts a new one and never counts, or ranks, an earlier search's trials."""
+    key = json.dumps(search_settings_of(study, budget), sort_keys=True, default=str)
+    return f"{search_name(study)}-trials-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
 def baseline_study(study: Study) -> Study:
@@ -62,12 +84,20 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     budget = trials or study.search.trials
     device = pick_device(options.device)
     base = baseline_study(study)
+    admit(base, options)  # another study file under this name is refused before anything is forgotten
+    if options.fresh:  # forget this search: its trials, its baseline cells, its confirmation
+        delete_study(trials_name(study, budget), options.storage_url)
+        for name in (base.name, confirmation_name(study)):
+            forget(name, options)
+        options = replace(options, fresh=False)
+    elif not joining:
+        say_if_changed(study, options, budget)
     run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
     session = open_session(base, options)
-    base_cells = base.cells()
-    curve = session.ledger.mean_curve(base_cells)
-    margin = absolute_margin(study.analysis, [c.metrics["best_val_loss"] for c in session.ledger.cell_states(base_cells)
-                                              if c.state == "COMPLETE"])
+    plan = base.plan()
+    curve = session.ledger.mean_curve({c.cell_hash for c in plan.cells})
+    margin = absolute_margin(study.analysis, [r.metrics[RANKING] for r in outcome(plan, session.ledger.records())
+                                              .records.values() if r.state == CellState.DONE])
     alone = options.workers <= 1 and not joining  # one searcher: a seeded, reproducible search
     ledger = search_ledger(study, options, curve, margin, budget, study.search.seeds[0] if alone else None)
     if options.workers > 1:
@@ -78,17 +108,33 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
     summary = SearchSummary(search_name(study), ledger.trials(), confirmation)
     if report:
-        from .search_report import write_search_report
         summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
     return summary
 
 
+def say_if_changed(study: Study, options: RunOptions, budget: int) -> None:
+    """When this search is new but an earlier one of the study is in the ledger, say what changed
+    (the earlier trials stay readable there, e.g. in optuna-dashboard)."""
+    current = trials_name(study, budget)
+    prefix = current.rsplit("-", 1)[0] + "-"
+    earlier = sorted(n for n in study_names(options.storage_url) if n.startswith(prefix) and n != current)
+    if current in study_names(options.storage_url) or not earlier:
+        return
+    before, now = search_settings(earlier[-1], options.storage_url), search_settings_of(study, budget)
+    changed = [key for key in now if json.dumps(before.get(key), sort_keys=True, default=str)
+               != json.dumps(now[key], sort_keys=True, default=str)]
+    notify(f"search of {study.name} changed ({', '.join(changed) or 'settings'}): its trials start afresh in "
+           f"{current}; the earlier search's trials stay readable in the ledger as {', '.join(earlier)}")
+
+
 def search_ledger(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int,
                   seed: int | None) -> SearchLedger:
-    return SearchLedger(f"{search_name(study)}-trials", options.storage_url,
-                        make_sampler(study.search.sampler, seed, budget),
-                        make_pruner(study.search.pruner, curve, margin, study.baseline.config.protocol.epochs),
-                        options.heartbeat_s, options.grace_s)
+    ledger = SearchLedger(trials_name(study, budget), options.storage_url, study.search.sampler, study.search.pruner,
+                          seed=seed, budget=budget, curve=curve, margin=margin,
+                          epochs=study.baseline.config.protocol.epochs, heartbeat_s=options.heartbeat_s,
+                          grace_s=options.grace_s)
+    ledger.describe(search_settings_of(study, budget))
+    return ledger
 
 
 def _search_children(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int) -> None:
@@ -119,7 +165,7 @@ class Searcher:
 
     def __init__(self, study: Study, base: Study, options: RunOptions, device: torch.device,
                  session: StudySession, ledger: SearchLedger, budget: int, poll_s: float = 2.0):
-        self.study, self.ledger, self.budget, self.poll_s = study, ledger, budget, poll_s
+        self.study, self.base, self.ledger, self.budget, self.poll_s = study, base, ledger, budget, poll_s
         self.worker = Worker(base, options, device, session)  # MLflow runs and checkpoints under the search
         self.rejected_limit = 20 * budget  # a space that is almost all invalid must still end
         self.rng = random.Random(study.search.seeds[0])
@@ -133,9 +179,9 @@ class Searcher:
                     return
                 time.sleep(self.poll_s)  # others' trials may die and come back to the queue
                 continue
-            trial, params = self.ledger.ask(self.study.space)
+            trial = self.ledger.ask(self.study.space)
             try:
-                config = self.study.config_with(params, where=f"trial {trial.number}")
+                config = self.study.config_with(trial.params, where=f"trial {trial.number}")
             except ConfigError as err:
                 self.ledger.skip(trial, REJECTED, str(err))
                 rejected += 1
@@ -146,13 +192,13 @@ class Searcher:
                 if feasible is not None:
                     self.ledger.propose(feasible)
                 continue
-            if not self.ledger.is_retry(trial) and self.ledger.used(before=trial.number) >= self.budget:
+            if not trial.retry and self.ledger.used(before=trial.number) >= self.budget:
                 self.ledger.skip(trial, OVER_BUDGET, "the budget was used by other workers")
                 continue
             self.ledger.accept(trial)
             rejected = 0
             with self.ledger.heartbeat(trial):
-                self.train_trial(trial, params, config)
+                self.train_trial(trial, config)
 
     def random_feasible(self, tries: int = 200) -> dict | None:
         """A uniformly drawn combination the builder accepts (None if none turns up in `tries`)."""
@@ -165,18 +211,17 @@ class Searcher:
                 continue
         return None
 
-    def train_trial(self, trial, params: dict, config) -> None:
+    def train_trial(self, trial: SearchTrial, config) -> None:
         """Train the trial's seeds; report the first seed's epochs to the pruner; tell the mean."""
-        variant = Variant(f"trial{trial.number}", json.dumps(params, default=str), dict(params), config)
+        variant = Variant(f"trial{trial.number}", json.dumps(trial.params, default=str), dict(trial.params), config)
         values = []
         for i, seed in enumerate(self.study.search.seeds):
-            cfg = replace(config, protocol=replace(config.protocol, seeds=(seed,)))
-            cell = Cell(variant, seed, cfg, cell_hash(cfg, seed))
+            cell = self.base.cell(variant, seed)  # the study's rules (vary_split) apply to trials too
             first = i == 0  # the pruner judges the first seed's curve
             reporter = EpochReporter(lambda epoch, loss: first and self.ledger.report(trial, epoch, loss),
-                                     lambda: set(self.ledger.frozen(trial).intermediate_values) if first else set())
+                                     lambda: self.ledger.reported_epochs(trial) if first else set())
             try:
-                values.append(self.worker.train(cell, reporter)["best_val_loss"])
+                values.append(self.worker.train(cell, reporter)[RANKING])
             except CellPruned as pruned:
                 self.ledger.finish(trial, None, pruned_at=pruned.epoch)
                 return
@@ -201,7 +246,7 @@ def random_value(knob: Knob, rng: random.Random):
 
 def top_configs(study: Study, ledger: SearchLedger) -> list[tuple[int, float, dict]]:
     """(trial number, value, knobs) of the top-k finished trials, best first; ties by trial number."""
-    done = [t for t in ledger.trials() if t["state"] == "COMPLETE" and t["value"] is not None]
+    done = [t for t in ledger.trials() if t["state"] == CellState.DONE and t["value"] is not None]
     done.sort(key=lambda t: (t["value"], t["number"]))
     out, seen = [], set()
     for t in done:
@@ -228,5 +273,9 @@ def confirmation_study(study: Study, ledger: SearchLedger) -> Study | None:
         variants.append(Variant(f"top{rank}", f"trial {number} (search value {value:.4f}): {knobs}", dict(params), config))
     if len(variants) == 1:
         return None  # no finished trial, or only the baseline itself: nothing to confirm
-    return Study(f"{study.name}-confirm", f"confirmation of the search of {study.name}", tuple(variants),
+    return Study(confirmation_name(study), f"confirmation of the search of {study.name}", tuple(variants),
                  study.source, replace(study.analysis, adaptive=True))
+
+
+def confirmation_name(study: Study) -> str:
+    return f"{study.name}-confirm"

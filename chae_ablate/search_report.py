@@ -13,12 +13,14 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
 
+from .figures import save_png
+from .ledger import OVER_BUDGET, PRUNERS, REJECTED
+from .records import CellState
 from .files import atomic_write_text, inside
 from .render import Block, render_html, render_markdown
 from .report import verdict_table
 
-DPI = 120
-STATE_COLOURS = {"COMPLETE": "tab:blue", "PRUNED": "tab:orange", "FAIL": "tab:red"}
+STATE_COLOURS = {CellState.DONE: "tab:blue", CellState.PRUNED: "tab:orange", CellState.FAILED: "tab:red"}
 
 
 def trials_table(trials: list[dict]) -> pd.DataFrame:
@@ -33,15 +35,15 @@ def fig_history(table: pd.DataFrame) -> Figure:
     """Each trial's value (pruned trials at the top edge, marked) and the best so far."""
     fig = Figure(figsize=(8, 4), layout="constrained")
     ax = fig.subplots()
-    done = table[table["state"] == "COMPLETE"]
-    ax.scatter(done["trial"], done["value"], color=STATE_COLOURS["COMPLETE"], label="trained", zorder=3)
+    done = table[table["state"] == CellState.DONE]
+    ax.scatter(done["trial"], done["value"], color=STATE_COLOURS[CellState.DONE], label="trained", zorder=3)
     if len(done):
         best = done["value"].cummin()
         ax.step(done["trial"], best, where="post", color="black", lw=1.2, label="best so far")
-    pruned = table[table["state"] == "PRUNED"]
+    pruned = table[table["state"] == CellState.PRUNED]
     if len(pruned):
         top = done["value"].max() if len(done) else 1.0
-        ax.scatter(pruned["trial"], np.full(len(pruned), top), marker="x", color=STATE_COLOURS["PRUNED"],
+        ax.scatter(pruned["trial"], np.full(len(pruned), top), marker="x", color=STATE_COLOURS[CellState.PRUNED],
                    label=f"pruned ({len(pruned)})", zorder=3)
     ax.set(xlabel="trial", ylabel="best validation loss (mean over the trial's seeds)", title="Optimisation history")
     ax.legend(fontsize=8, frameon=False)
@@ -67,7 +69,7 @@ def fig_slices(table: pd.DataFrame, knobs: list) -> Figure:
     rows = -(-max(1, len(knobs)) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
-    done = table[table["state"] == "COMPLETE"]
+    done = table[table["state"] == CellState.DONE]
     for ax, knob in zip(axes, knobs):
         values = done[knob.path] if knob.path in done else pd.Series(dtype=float)
         numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
@@ -85,15 +87,14 @@ def write_search_report(study, summary, importances: dict[str, float], curve: di
                         margin: float, out_dir: Path | None = None) -> Path:
     """Write the search report; returns report.md's path."""
     out = Path(out_dir) if out_dir is not None else inside(Path("reports"), summary.name)
-    (out / "figures").mkdir(parents=True, exist_ok=True)
     table = trials_table(summary.trials)
-    table.to_csv(out / "trials.csv", index=False)
+    atomic_write_text(out / "trials.csv", table.to_csv(index=False))
     with sns.axes_style("whitegrid"):
         figures = [("history.png", fig_history(table), "Each trained trial's value and the best so far; x: pruned."),
                    ("importances.png", fig_importances(importances), "fANOVA importance of each knob."),
                    ("slices.png", fig_slices(table, list(study.space)), "Value against each knob.")]
     for name, fig, _ in figures:
-        fig.savefig(out / "figures" / name, dpi=DPI)
+        save_png(fig, out / "figures" / name)
     blocks = _blocks(study, summary, table, importances, curve, margin,
                      [(f"figures/{name}", caption) for name, _, caption in figures])
     atomic_write_text(out / "report.html", render_html(blocks, out))
@@ -103,25 +104,21 @@ def write_search_report(study, summary, importances: dict[str, float], curve: di
 def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, figures) -> list[Block]:
     s = study.search
     counts = table["state"].value_counts()
-    done = table[table["state"] == "COMPLETE"].sort_values(["value", "trial"])
-    rejected = table[table["state"] == "REJECTED"]
+    done = table[table["state"] == CellState.DONE].sort_values(["value", "trial"])
+    rejected = table[table["state"] == REJECTED]
     knobs = [k.path for k in study.space]
     best = done.head(10)[["trial", "value", *knobs]].copy()
     best["value"] = best["value"].map(lambda v: f"{v:.4f}")
     for knob in knobs:
         best[knob] = best[knob].map(lambda v: f"{v:.4g}" if isinstance(v, float) else str(v))
-    pruner = {"baseline": f"stop a trial whose validation loss at an epoch exceeds the baseline's mean curve "
-                          f"there by more than the margin ({margin:.4f}; baseline curve over "
-                          f"{len(curve)} epochs, seeds {list(s.seeds)})",
-              "median": "Optuna's median pruner", "hyperband": "Optuna's Hyperband pruner",
-              "none": "no pruning"}[s.pruner]
+    pruner = PRUNERS[s.pruner].about.format(margin=margin, epochs=len(curve), seeds=list(s.seeds))
     blocks: list[Block] = [
         ("h1", f"Search report: {study.name}"),
         ("p", f"Sampler: {s.sampler}; pruner: {pruner}. Budget: {s.trials} trained trials (rejected "
               f"combinations do not count), seeds per trial: {list(s.seeds)}."),
-        ("p", f"Trials: {int(counts.get('COMPLETE', 0))} finished, {int(counts.get('PRUNED', 0))} pruned, "
-              f"{len(rejected)} rejected by the builder, {int(counts.get('OVER_BUDGET', 0))} over the budget "
-              f"(asked by racing workers), {int(counts.get('FAIL', 0))} failed or interrupted "
+        ("p", f"Trials: {int(counts.get(CellState.DONE, 0))} finished, {int(counts.get(CellState.PRUNED, 0))} pruned, "
+              f"{len(rejected)} rejected by the builder, {int(counts.get(OVER_BUDGET, 0))} over the budget "
+              f"(asked by racing workers), {int(counts.get(CellState.FAILED, 0))} failed or interrupted "
               f"(an interrupted trial is re-run with the same knobs)."),
         ("h2", "Best trials"), ("table", best),
         ("h2", "Which knobs mattered"),

@@ -1,4 +1,5 @@
-"""A search space: knobs over the same dotted paths as variants, validated like the rest of a study.
+"""A search: its settings and its space, knobs over the same dotted paths as variants, validated like
+the rest of a study.
 
     search:
       space:
@@ -12,10 +13,54 @@ dividing dim, ...) is not an error here: the search records it as rejected, with
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from .config import Knob, did_you_mean, key_text, short
+from .config import at_most, did_you_mean, item_index, key_text, one_of, positive, seed_range, short
 from .errors import ConfigError
+from .ledger import PRUNERS, SAMPLERS
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One dimension of a search space: a dotted path (as in a variant's set:) and its values."""
+
+    path: str  # e.g. model.transformer.depth
+    choices: tuple = ()  # categorical values (scalars); empty for a range
+    low: float | None = None  # range bounds, inclusive; ints when both are ints
+    high: float | None = None
+    step: float | None = None  # range step (ints: default 1; floats: continuous when none)
+    log: bool = False  # sample the range on a log scale
+
+    @property
+    def integer(self) -> bool:
+        return not self.choices and all(isinstance(v, int) and not isinstance(v, bool) for v in (self.low, self.high))
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """`chae-ablate search`: Optuna explores the knobs, then the best are re-tested on fresh seeds."""
+
+    trials: int = 20  # trials trained (rejected combinations do not count; the report counts them)
+    sampler: str = "tpe"  # tpe (multivariate, grouped) | gp | random
+    seeds: tuple[int, ...] = (0,)  # seeds of every trial (and of the baseline it is pruned against)
+    pruner: str = "baseline"  # baseline (worse than the baseline's curve by > margin) | median | hyperband | none
+    top_k: int = 3  # the best configurations, re-tested as variants against the baseline on fresh seeds
+    confirm_seed: int = 1000  # first seed of the confirmation study (fresh: never used by a trial)
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = positive(self, "trials", "top_k") + at_most(self, trials=10_000, top_k=50)
+        errors += one_of(self, "sampler", SAMPLERS) + one_of(self, "pruner", PRUNERS)
+        if not self.seeds:
+            errors.append(("seeds", "is empty; give at least one seed, e.g. [0]"))
+        for i, seed in enumerate(self.seeds):
+            errors += seed_range(self, f"seeds.{i}", seed)
+        errors += seed_range(self, "confirm_seed", self.confirm_seed)
+        if self.confirm_seed <= max(self.seeds, default=0):
+            errors.append(("confirm_seed", f"{self.confirm_seed} must be above every search seed "
+                           "(the confirmation uses fresh seeds)"))
+        return errors
+
 
 RANGE_KEYS = ("low", "high", "step", "log")
 MAX_KNOBS = 32
@@ -47,9 +92,7 @@ def check_path(base: dict, path: Any, where: str) -> None:
                 raise ConfigError(f"{where}: unknown key {short(part)}{did_you_mean(part, node)}")
             node = node[part]
         elif isinstance(node, list):
-            if not part.isascii() or not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"{where}: no item {short(part)}; valid indices are 0..{len(node) - 1}")
-            node = node[int(part)]
+            node = node[item_index(part, node, where)]
         else:
             raise ConfigError(f"{where}: {short(part)} goes through a value, not a mapping")
 

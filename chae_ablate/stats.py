@@ -5,7 +5,7 @@ against scipy and statsmodels in a test. Seeds are the unit of replication: a va
 are its cells' metric (by default the lowest validation loss), one per seed, and differences are
 paired by seed (the same seed fixes the initialisation and data-order noise they share).
 
-The decisive verdicts (decide, looks, next_round, simulate; METHOD says it in words) replace
+The decisive verdicts (decide, looks, simulate; METHOD says it in words) replace
 "no significant difference" with better / worse / equivalent / undecided against a declared margin,
 valid for the whole study across adaptive rounds of seeds. References: Dunn (1961) Multiple
 comparisons among means, JASA 56:52-64; Jennison & Turnbull (1989) Interim analyses: the repeated
@@ -20,11 +20,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
+
+from .records import DECISIONS, Verdict
 
 CONFIDENCE = 0.95  # level of the descriptive interval of each variant's mean
 ALPHA = 0.05  # default family-wise error rate of the verdicts
@@ -70,8 +72,6 @@ def t_interval(values: Sequence[float] | pd.Series, confidence: float = CONFIDEN
 # Holm level), so reading verdicts off Holm-level intervals loses the guarantee
 # (benchmarks/power.py measures by how much).
 
-BETTER, WORSE, EQUIVALENT, UNDECIDED = "better", "worse", "equivalent", "undecided"
-VERDICTS = (UNDECIDED, BETTER, WORSE, EQUIVALENT)  # a verdict's index is its code in simulate()
 N_BOOT = 9999  # bootstrap resamples
 
 METHOD = (
@@ -144,8 +144,8 @@ class Decision:
     Differences are variant - baseline in the metric's units; low/high is the interval the verdict
     was read from (confidence `level`), so printing it with `level` is consistent with the verdict.
     """
-    verdict: str  # BETTER, WORSE, EQUIVALENT or UNDECIDED, in the metric's own direction
-    within_margin: bool  # the interval lies inside +-margin (always so for EQUIVALENT)
+    verdict: Verdict  # better, worse, equivalent or undecided, in the metric's own direction
+    within_margin: bool  # the interval lies inside +-margin (always so for an equivalent one)
     n: int  # finite paired differences (seeds)
     mean: float  # mean paired difference; NaN when n == 0
     sd: float  # standard deviation of the differences (ddof=1); NaN when n < 2
@@ -165,15 +165,9 @@ class Decision:
     @property
     def label(self) -> str:
         """The verdict as the report words it, e.g. 'better (less than the margin)'."""
-        if self.verdict in (BETTER, WORSE) and self.within_margin:
+        if self.verdict in (Verdict.BETTER, Verdict.WORSE) and self.within_margin:
             return f"{self.verdict} (less than the margin)"
         return self.verdict
-
-
-def paired_differences(variant: pd.Series, baseline: pd.Series) -> np.ndarray:
-    """variant - baseline on the seeds both finished (Series indexed by seed), in seed order."""
-    d = (variant - baseline).dropna().sort_index()
-    return d.to_numpy(dtype=float)
 
 
 def _t_bounds(mean, sd, n, a):
@@ -187,13 +181,13 @@ def _t_bounds(mean, sd, n, a):
 
 def _classify(low, high, margin: float, lower_is_better: bool):
     """(verdict code, within margin) of intervals, elementwise: the one rule decide() and
-    simulate() share. NaN bounds compare False, so they give UNDECIDED."""
+    simulate() share. NaN bounds compare False, so they give undecided."""
     low, high = np.asarray(low), np.asarray(high)
     below, above = high < 0, low > 0
     within = (low > -margin) & (high < margin)
     better, worse = (below, above) if lower_is_better else (above, below)
-    code = np.select([better, worse, within], [VERDICTS.index(BETTER), VERDICTS.index(WORSE),
-                                               VERDICTS.index(EQUIVALENT)], VERDICTS.index(UNDECIDED))
+    codes = [DECISIONS.index(v) for v in (Verdict.BETTER, Verdict.WORSE, Verdict.EQUIVALENT, Verdict.UNDECIDED)]
+    code = np.select([better, worse, within], codes[:3], codes[3])
     return code, within
 
 
@@ -245,7 +239,7 @@ def decide(diffs: Mapping[str, Sequence[float] | np.ndarray], margin: float, *, 
         wins = (d < 0) if lower_is_better else (d > 0)
         boot = _bootstrap(d, level, n_boot, np.random.default_rng([seed, zlib.crc32(name.encode())]))
         out[name] = Decision(
-            verdict=VERDICTS[int(code)], within_margin=bool(within), n=n, mean=mean, sd=sd,
+            verdict=DECISIONS[int(code)], within_margin=bool(within), n=n, mean=mean, sd=sd,
             low=low, high=high, level=level, p_diff=p_diff, p_equiv=p_equiv,
             p_diff_adj=float(np.minimum(1.0, m * n_looks * p_diff)),  # NaN stays NaN
             p_equiv_adj=float(np.minimum(1.0, 2 * m * n_looks * p_equiv)),
@@ -255,23 +249,15 @@ def decide(diffs: Mapping[str, Sequence[float] | np.ndarray], margin: float, *, 
     return out
 
 
-def next_round(decisions: Mapping[str, Decision], current_n: int | Mapping[str, int],
-               plan: Sequence[int]) -> dict[str, int]:
-    """Seeds each variant should have after the next round: the next look of `plan` above its
-    current planned seeds for an undecided variant, 0 for a decided one or one at the last look
-    (its verdict is final). The baseline needs as many seeds as the largest of these."""
-    out = {}
-    for name, dec in decisions.items():
-        n = current_n if isinstance(current_n, int) else current_n[name]
-        later = [k for k in plan if k > n]
-        out[name] = later[0] if dec.verdict == UNDECIDED and later else 0
-    return out
+def undecided(decision: Decision, margin: float) -> Decision:
+    """A decision forced to undecided (no usable margin), with its figures kept."""
+    return replace(decision, verdict=Verdict.UNDECIDED, within_margin=False, margin=margin)
 
 
 @dataclass(frozen=True)
 class Simulation:
     """Outcome of simulate(): one row per simulated study, one column per variant."""
-    verdict: np.ndarray  # (studies, m) int: index into VERDICTS
+    verdict: np.ndarray  # (studies, m) int: index into records.DECISIONS
     within_margin: np.ndarray  # (studies, m) bool: the deciding interval lay inside +-margin
     n_used: np.ndarray  # (studies, m) int: seeds the variant ran
     true_diff: np.ndarray  # (m,) the true mean differences
@@ -281,7 +267,7 @@ class Simulation:
 
     def share(self, verdict: str) -> float:
         """Share of all simulated variants that ended with this verdict."""
-        return float((self.verdict == VERDICTS.index(verdict)).mean())
+        return float((self.verdict == DECISIONS.index(verdict)).mean())
 
     def wrong(self) -> np.ndarray:
         """(studies, m) bool: a claim the true difference contradicts: better or worse on the
@@ -289,7 +275,7 @@ class Simulation:
         mu = self.true_diff[None, :]
         good, bad = (mu < 0, mu > 0) if self.lower_is_better else (mu > 0, mu < 0)
         v = self.verdict
-        return (((v == VERDICTS.index(BETTER)) & ~good) | ((v == VERDICTS.index(WORSE)) & ~bad)
+        return (((v == DECISIONS.index(Verdict.BETTER)) & ~good) | ((v == DECISIONS.index(Verdict.WORSE)) & ~bad)
                 | (self.within_margin & (np.abs(mu) >= self.margin)))
 
     @property
@@ -334,7 +320,7 @@ def simulate(true_diff: float | Sequence[float], sd: float, margin: float, *, n_
     noise = (math.sqrt(corr) * rng.standard_normal((n_studies, 1, max_seeds))
              + math.sqrt(1 - corr) * rng.standard_normal(shape))
     d = mu[:, None] + sd * noise  # (studies, m, seeds)
-    code = np.full(shape[:2], VERDICTS.index(UNDECIDED))
+    code = np.full(shape[:2], DECISIONS.index(Verdict.UNDECIDED))
     within = np.zeros(shape[:2], dtype=bool)
     n_used = np.zeros(shape[:2], dtype=int)
     active = np.ones(shape[:2], dtype=bool)
@@ -343,5 +329,5 @@ def simulate(true_diff: float | Sequence[float], sd: float, margin: float, *, n_
         c, w = _classify(*_t_bounds(x.mean(-1), x.std(-1, ddof=1), n, a), margin, lower_is_better)
         code, within = np.where(active, c, code), np.where(active, w, within)
         n_used = np.where(active, n, n_used)
-        active &= c == VERDICTS.index(UNDECIDED)
+        active &= c == DECISIONS.index(Verdict.UNDECIDED)
     return Simulation(code, within, n_used, mu, margin, lower_is_better, max_seeds)

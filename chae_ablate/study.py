@@ -1,39 +1,35 @@
-"""Study files: a baseline plus named variants, each a set of dotted-path overrides.
+"""Studies: a baseline plus named variants, each a set of dotted-path overrides, and their cells.
 
-A study file is read as plain data (`base:` files deep-merged under it, --set overrides applied to
-the baseline, each variant's `set:` applied on top), and only then validated, once per variant,
-by config.parse: every error has one format, `variants.NAME.model.transformer.heads: ...`.
-A study expands into cells (variant x seed); a cell's identity in the ledger is a content hash
-of its resolved config and seed.
+A study file is read as plain data (studyfile.py: `base:` files deep-merged under it), --set
+overrides are applied to the baseline and each variant's `set:` on top, and only then is each
+variant validated by config.parse: every error has one format, `variants.NAME.model.transformer.heads: ...`.
+A study expands into cells (variant x seed); a cell's identity everywhere — ledger, MLflow,
+checkpoints, report — is a content hash of its resolved config and seed, and a study's plan
+(analysis.Plan) lists its cells by that hash.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
 import json
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from .config import AnalysisConfig, ExperimentConfig, Knob, SearchConfig, did_you_mean, key_text, parse, short, to_dict
+from .analysis import Plan
+from .config import (AnalysisConfig, ExperimentConfig, did_you_mean, dotted, item_index, key_text, parse, short,
+                     to_dict)
 from .errors import ConfigError
-from .space import parse_space
+from .records import BASELINE, PlannedCell, cell_label
+from .space import Knob, SearchConfig, parse_space
+from .studyfile import STUDY_KEYS, deep_merge, load_yaml, read_study_file
 
-BASELINE = "baseline"
-STUDY_KEYS = ("name", "description", "base", "data", "model", "protocol", "analysis", "search", "variants")
 VARIANT_KEYS = ("description", "set")
 NAME_RULE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-INDEX_RULE = re.compile(r"0|[1-9][0-9]{0,5}")  # one spelling per list item: not 00, not '²'
 NAME_HELP = "1-64 letters, digits, '-', '_' or '.', starting with a letter or digit"
-MAX_FILE_BYTES = 2**19  # a page of YAML; 999 variants take ~150 kB; parsing 512 kB of `1,1,...` ~2 s
-MAX_VALUES = 200_000  # values in a study once YAML aliases are expanded (a billion-laughs guard)
 MAX_VARIANTS = 1000
-MAX_BASE_DEPTH = 8  # levels of base: (each error names every file on the way, so keep it short)
 
 
 @dataclass(frozen=True)
@@ -49,11 +45,11 @@ class Cell:
     variant: Variant
     seed: int
     config: ExperimentConfig  # the variant's config, with this seed's split when the split varies
-    hash: str  # content hash of the resolved config and seed
+    cell_hash: str  # content hash of the resolved config and seed: the cell's identity
 
     @property
     def label(self) -> str:
-        return f"{self.variant.name}/seed{self.seed}"
+        return cell_label(self.variant.name, self.seed)
 
 
 @dataclass(frozen=True)
@@ -82,17 +78,26 @@ class Study:
             return seed_sequence(self.baseline.config.protocol.seeds, self.analysis.max_seeds)
         return list(variant.config.protocol.seeds)
 
+    def cell(self, variant: Variant, seed: int) -> Cell:
+        """The cell that trains `variant` with `seed` (a search trial's too): with the study's rules,
+        e.g. the seed also draws the split when analysis.vary_split."""
+        config = variant.config
+        if self.analysis.vary_split:
+            config = replace(config, data=replace(config.data, split_seed=seed))
+        return Cell(variant, seed, config, cell_hash(config, seed))
+
     def cells(self) -> list[Cell]:
         """Every cell the study may run (an adaptive study runs only some), baseline first, in a
         stable order."""
-        out = []
-        for v in self.variants:
-            for seed in self.seeds(v):
-                config = v.config
-                if self.analysis.vary_split:  # the seed draws the split too
-                    config = replace(config, data=replace(config.data, split_seed=seed))
-                out.append(Cell(v, seed, config, cell_hash(config, seed)))
-        return out
+        return [self.cell(v, seed) for v in self.variants for seed in self.seeds(v)]
+
+    def plan(self) -> Plan:
+        """This version of the study as analysis.outcome, the report and the version record read it."""
+        return Plan(self.name, tuple(PlannedCell(c.cell_hash, c.variant.name, c.seed, c.variant.description)
+                                     for c in self.cells()),
+                    {v.name: tuple(self.seeds(v)) for v in self.variants}, self.analysis,
+                    {v.name: dotted(to_dict(v.config)) for v in self.variants},
+                    str(self.source.resolve()) if self.source else "")
 
 
 def seed_sequence(first: Sequence[int], length: int) -> list[int]:
@@ -119,160 +124,10 @@ def cell_hash(config: ExperimentConfig, seed: int) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:12]
 
 
-# --- reading YAML safely ----------------------------------------------------------------------
-
-class _StrictLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # libyaml: fast, bounds nesting
-    """A safe YAML loader for study files. A duplicate key is an error (YAML keeps the last one
-    silently), a date stays text, and a scalar that an explicit tag forces into the wrong type
-    (`!!int abc`, an integer of 5,000 digits) is a one-line error instead of a Python exception."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: flatten_mapping's job
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class raises the YAML error for it
-                break
-            if duplicate:
-                raise ConfigError(f"line {key_node.start_mark.line + 1}: duplicate key {short(key)}; "
-                                  "YAML would silently keep only the last one — remove or rename one")
-        return super().construct_mapping(node, deep=deep)
-
-    def construct_object(self, node, deep=False):
-        try:
-            return super().construct_object(node, deep=deep)
-        except (ValueError, LookupError) as err:  # PyYAML's scalar constructors trust the tag
-            kind = node.tag.rsplit(":", 1)[-1]
-            raise ConfigError(f"line {node.start_mark.line + 1}: {short(node.value)} is not a valid {kind} "
-                              f"({str(err).split(':')[0][:80]})") from None
-
-
-_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", yaml.SafeLoader.construct_yaml_str)
-
-
-def load_yaml(data: bytes, where: str) -> Any:
-    """YAML as plain data. Whatever the bytes, this returns or raises a one-line ConfigError that
-    starts with `where`, in bounded time and memory (see _check_size)."""
-    loader = _StrictLoader(data)
-    try:
-        node = loader.get_single_node()
-        if node is None:
-            return None
-        _check_size(node)
-        return loader.construct_document(node)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        problem = str(getattr(err, "problem", None) or err).splitlines()[0]
-        raise ConfigError(f"{where}:{line} is not valid YAML ({problem[:200]})") from None
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
-    except RecursionError:  # pure-Python PyYAML only; libyaml refuses deep nesting itself
-        raise ConfigError(f"{where}: nested too deeply to be a study file") from None
-    finally:
-        loader.dispose()
-
-
-def read_yaml(path: Path) -> Any:
-    """A YAML file as plain data, with one-line errors for every way it can be unusable."""
-    where = shown(path)
-    try:
-        if not path.is_file():
-            what = "is not a file" if path.exists() else "study file not found (the studies/ folder has examples)"
-            raise ConfigError(f"{where}: {what}")
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ConfigError(f"{where}: {size:,} bytes; a study file must be under {MAX_FILE_BYTES:,}")
-        data = path.read_bytes()
-    except OSError as err:  # unreadable, or a name the OS refuses (too long)
-        raise ConfigError(f"{where}: cannot be read ({err.strerror or err})") from None
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise ConfigError(f"{where}: not UTF-8 text (byte {err.start}); is it really a study file?") from None
-    return load_yaml(data, where)
-
-
-def shown(path: Path) -> str:
-    """A file path as errors show it: as given, or as a short repr when it is long or unprintable."""
-    text = str(path)
-    return text if text.isprintable() and len(text) <= 200 else short(text, 200)
-
-
-def _check_size(root: yaml.Node) -> None:
-    """Refuse YAML whose nodes, every alias expanded, number more than MAX_VALUES or nest deeper
-    than 64 levels. Aliases share one node, so a 'billion laughs' file or a merge-key bomb
-    (`<<: [*a, *a]` repeated) is a few lines that would explode once constructed or walked;
-    this walk runs before construction and stops at the limit."""
-    stack, count = [(root, 0)], 0
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_VALUES or depth > 64:
-            why = f"expands to more than {MAX_VALUES:,} values" if count > MAX_VALUES else "nests deeper than 64 levels"
-            raise ConfigError(f"{why} (YAML aliases or anchors?); a study file is a few dozen lines")
-        if isinstance(node, yaml.MappingNode):
-            stack += [(n, depth + 1) for pair in node.value for n in pair]
-        elif isinstance(node, yaml.SequenceNode):
-            stack += [(n, depth + 1) for n in node.value]
-
-
-def _read_with_bases(path: Path, chain: tuple[Path, ...] = ()) -> dict:
-    """The study file with its `base:` studies (relative to the file) deep-merged under it."""
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{shown(path)}: expected a mapping with keys {', '.join(STUDY_KEYS)}, got {short(raw)}")
-    base = raw.get("base")
-    if base is None:
-        return raw
-    if not isinstance(base, str) or not base.strip() or "\0" in base:
-        raise ConfigError(f"{shown(path)}: base: expected a study file name, e.g. base: paper11.yaml")
-    chain = (*chain, Path(os.path.realpath(path)))  # realpath: never raises, unlike resolve() on a symlink loop
-    base_path = path.parent / base
-    if (real := Path(os.path.realpath(base_path))) in chain:
-        cycle = " -> ".join(shown(Path(p.name)) for p in (*chain, real))
-        raise ConfigError(f"{shown(path)}: base: studies form a cycle ({cycle}); remove one base:")
-    if len(chain) >= MAX_BASE_DEPTH:
-        raise ConfigError(f"{shown(path)}: more than {MAX_BASE_DEPTH} levels of base: studies")
-    try:
-        parent = _read_with_bases(base_path, chain)
-    except ConfigError as err:  # name the file whose base: it is
-        raise ConfigError(f"{shown(path)}: base: {err}") from None
-    parent.pop("name", None)  # a study's name is its own, never inherited
-    parent.pop("base", None)
-    child = {k: v for k, v in raw.items() if k != "base"}
-    return merge_studies(parent, child)
-
-
-def merge_studies(parent: dict, child: dict) -> dict:
-    """Deep-merge child over parent; under `variants:`, a variant set to null is dropped."""
-    merged = _deep_merge(parent, child)
-    variants = child.get("variants")
-    if isinstance(variants, dict) and isinstance(merged.get("variants"), dict):
-        merged["variants"] = {k: v for k, v in merged["variants"].items()
-                              if not (k in variants and variants[k] is None)}
-    return merged
-
-
-def _deep_merge(base: Any, over: Any) -> Any:
-    if isinstance(base, dict) and isinstance(over, dict):
-        out = dict(base)
-        for key, value in over.items():
-            out[key] = _deep_merge(base[key], value) if key in base else value
-        return out
-    return over
-
-
-# --- from data to a validated study -------------------------------------------------------------
-
 def load_study(path: str | Path, overrides: dict[str, Any] | None = None) -> Study:
     """Read and validate a study YAML (with its bases); `overrides` (dotted paths) change the baseline."""
     path = Path(path)
-    return study_from_dict(_read_with_bases(path), overrides or {}, source=path)
+    return study_from_dict(read_study_file(path), overrides or {}, source=path)
 
 
 def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = None) -> Study:
@@ -285,13 +140,13 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
     base = to_dict(ExperimentConfig())
     for section in ("data", "model", "protocol"):
         if raw.get(section) is not None:  # a copy: --set must not write through YAML aliases into variants
-            base[section] = _deep_merge(base[section], copy.deepcopy(raw[section]))
+            base[section] = deep_merge(base[section], copy.deepcopy(raw[section]))
     analysis = copy.deepcopy(raw.get("analysis") or {})
-    for dotted, value in overrides.items():
-        if isinstance(dotted, str) and dotted.startswith("analysis."):
-            set_dotted(analysis, dotted.removeprefix("analysis."), value, prefix="analysis.")
+    for path, value in overrides.items():
+        if isinstance(path, str) and path.startswith("analysis."):
+            set_dotted(analysis, path.removeprefix("analysis."), value, prefix="analysis.")
         else:
-            set_dotted(base, dotted, value)
+            set_dotted(base, path, value)
     variants = [Variant(BASELINE, "the paper's baseline", {}, parse(ExperimentConfig, base))]
     raw_variants = raw.get("variants") or {}
     if not isinstance(raw_variants, dict):
@@ -342,7 +197,7 @@ def _variant(name: Any, spec: Any, base: dict) -> Variant:
         raise ConfigError(f"{where}: not a variant name; use {NAME_HELP}")
     name = str(name)
     if name == BASELINE:
-        raise ConfigError(f"{where}: 'baseline' is reserved for the unmodified model; pick another name")
+        raise ConfigError(f"{where}: '{BASELINE}' is reserved for the unmodified model; pick another name")
     if not isinstance(spec, dict) or not isinstance(spec.get("set"), dict) or not spec["set"]:
         raise ConfigError(f"{where}: expected {{description: ..., set: {{dotted.path: value}}}}")
     for key in spec:
@@ -396,18 +251,18 @@ def with_overrides(base: dict, overrides: dict, where: str) -> dict:
     """A copy of the baseline's plain data with dotted-path overrides set (not yet validated):
     what a variant's set: and a search trial's knobs both resolve through."""
     data = copy.deepcopy(base)
-    for dotted, value in overrides.items():
-        set_dotted(data, dotted, value, prefix=f"{where}.")
+    for path, value in overrides.items():
+        set_dotted(data, path, value, prefix=f"{where}.")
     return data
 
 
-def set_dotted(tree: dict, dotted: Any, value: Any, prefix: str = "") -> None:
+def set_dotted(tree: dict, path: Any, value: Any, prefix: str = "") -> None:
     """Set `a.b.0.c` in nested plain data (missing keys are created: config.parse names unknown
     ones); a list index that does not exist, or a path through a value, is an error. The value is
     copied in, so later paths never write through a YAML alias into another variant."""
-    if not isinstance(dotted, str) or not dotted:
-        raise ConfigError(f"{prefix}{short(dotted)}: expected a dotted path such as model.transformer.depth")
-    parts = dotted.split(".")
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"{prefix}{short(path)}: expected a dotted path such as model.transformer.depth")
+    parts = path.split(".")
 
     def here(i: int) -> str:  # built only for an error: a path of 100,000 parts stays linear
         return prefix + ".".join(key_text(p) for p in parts[:i])
@@ -415,15 +270,12 @@ def set_dotted(tree: dict, dotted: Any, value: Any, prefix: str = "") -> None:
     node: Any = tree
     for i, part in enumerate(parts):
         if isinstance(node, list):
-            if not INDEX_RULE.fullmatch(part) or int(part) >= len(node):
-                valid = f"valid indices are 0..{len(node) - 1}" if node else "the list is empty"
-                raise ConfigError(f"{here(i + 1)}: no item {short(part)}; {valid}")
-            part = int(part)
+            part = item_index(part, node, here(i + 1))
         elif not isinstance(node, dict):
             raise ConfigError(f"{here(i + 1)}: {here(i)} is a value, not a mapping")
         if i == len(parts) - 1:
             old = node[part] if isinstance(node, list) else node.get(part)
-            node[part] = _deep_merge(old, copy.deepcopy(value)) if isinstance(old, dict) else copy.deepcopy(value)
+            node[part] = deep_merge(old, copy.deepcopy(value)) if isinstance(old, dict) else copy.deepcopy(value)
         elif isinstance(node, dict):
             node = node.setdefault(part, {})
         else:

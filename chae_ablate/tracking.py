@@ -10,23 +10,35 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import requests
+import torch
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+from mlflow.tracking import MlflowClient
 
-from .config import to_dict
+from .analysis import Plan
+from .config import dotted, to_dict
 from .errors import ChaeError, retrying
-from .files import file_lock
-from .metrics import EPOCH_METRICS, SUMMARY_METRICS
+from .files import file_lock, sqlite_file
+from .metrics import EPOCH_METRICS, SUMMARY_METRICS, Metric as MetricName
 from .provenance import git_state
-from .study import Cell, Study
+from .records import BASELINE, CellRecord, CellState
+from .sources import SOURCES
+from .study import Cell
+from .versions import Version
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 ROLE = "chae.role"
@@ -47,23 +59,16 @@ def tracking_uri() -> str:
     return uri
 
 
-def _sqlite_path(uri: str) -> Path | None:
-    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
-
-
 def _client(create: bool = True):
     """An MlflowClient on tracking_uri(). A local sqlite store is created (tables included) under
     a file lock, so any number of processes starting at once on a fresh folder take turns instead
     of racing in MLflow's schema migration; with create=False a missing store is a ChaeError."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail within seconds, not minutes
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    import logging
-
-    from mlflow.tracking import MlflowClient
     for name in ("alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
     uri = tracking_uri()
-    database = _sqlite_path(uri)
+    database = sqlite_file(uri)
     if database is not None and not create and not database.exists():
         raise ChaeError(f"no MLflow store at {database}; run a study here first (chae-ablate run STUDY.yaml) "
                         "or set MLFLOW_TRACKING_URI")
@@ -73,17 +78,11 @@ def _client(create: bool = True):
         return MlflowClient(tracking_uri=uri)  # creates the store: tables, migrations, default experiment
 
 
-def _entities():
-    from mlflow.entities import Metric, Param
-    return Metric, Param
-
-
 def check_tracking_server() -> None:
     """Fail fast, in one line, when a remote tracking server does not answer."""
     uri = tracking_uri()
     if not uri.startswith(("http://", "https://")):
         return
-    import urllib.request
     try:
         urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
     except OSError as err:
@@ -93,7 +92,6 @@ def check_tracking_server() -> None:
 
 def lost_server(err: Exception) -> str | None:
     """What a tracking server that stopped answering (after MLflow's own retries) says, else None."""
-    import requests
     cause = err.__cause__ or err.__context__
     if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
         return f"lost the MLflow tracking server {tracking_uri()} ({type(cause).__name__})"
@@ -111,8 +109,6 @@ def lost_insert_race(err: Exception) -> bool:
 
 def source_tags() -> dict[str, str]:
     """git commit and dirty flag of the working directory, torch/CUDA versions."""
-    import torch
-
     commit, dirty = git_state(Path.cwd())
     return {"git_commit": commit, "git_dirty": str(dirty).lower(), "torch_version": torch.__version__,
             "cuda_version": torch.version.cuda or "none"}
@@ -120,42 +116,25 @@ def source_tags() -> dict[str, str]:
 
 def cell_tags(cell: Cell, device: str) -> dict[str, str]:
     """What identifies a cell's run in MLflow: variant, seed, cell hash, device, provenance."""
-    return {"variant": cell.variant.name, "seed": str(cell.seed), "cell_hash": cell.hash,
+    return {"variant": cell.variant.name, "seed": str(cell.seed), "cell_hash": cell.cell_hash,
             "description": cell.variant.description, "device": device, **source_tags()}
 
 
 def cell_params(cell: Cell) -> dict[str, str]:
-    """The cell's resolved config and seed as flat MLflow params."""
-    return flatten({**to_dict(cell.config), "seed": cell.seed})
-
-
-def study_plan(study: Study) -> dict:
-    """plan.json: every cell the study may run (so a report lists cells that never ran), the
-    analysis settings and each variant's seeds in draw order (so the report replays the looks)."""
-    return {"cells": [{"variant": c.variant.name, "seed": c.seed, "cell_hash": c.hash,
-                       "description": c.variant.description} for c in study.cells()],
-            "analysis": to_dict(study.analysis),
-            "seeds": {v.name: list(study.seeds(v)) for v in study.variants}}
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
-    """Nested config dict -> {'model.transformer.depth': '2', ...}; lists stay JSON."""
-    if isinstance(tree, dict):
-        out: dict[str, str] = {}
-        for key, value in tree.items():
-            out.update(flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: json.dumps(tree) if isinstance(tree, list) else str(tree)}
+    """The cell's resolved config and seed as flat MLflow params (the dotted paths overrides use)."""
+    return {k: json.dumps(v) if isinstance(v, list) else str(v)
+            for k, v in dotted({**to_dict(cell.config), "seed": cell.seed}).items()}
 
 
 class StudyLog:
-    """The MLflow experiment and parent run of one study."""
+    """The MLflow experiment and parent run of one study; the parent run keeps the study's current
+    plan (plan.json) and every recorded version (versions/FINGERPRINT.json)."""
 
-    def __init__(self, study: Study, artifact_root: Path):
+    def __init__(self, plan: Plan, artifact_root: Path):
         self.client = _client()
-        self.study_name = study.name
+        self.study_name = plan.study
         self.experiment_id = self._experiment(artifact_root)
-        self.parent_id = self._parent_run(study_plan(study))
+        self.parent_id = self._parent_run(plan.to_json())
 
     def _experiment(self, artifact_root: Path) -> str:
         exp = self.client.get_experiment_by_name(self.study_name)
@@ -189,16 +168,20 @@ class StudyLog:
     def _parents(self) -> list:
         return _parent_runs(self.client, self.experiment_id)
 
-    def record_plan(self, study: Study) -> None:
+    def record_plan(self, plan: Plan) -> None:
         """Rewrite plan.json: the study file may have changed since the parent run was created."""
-        self.client.log_dict(self.parent_id, study_plan(study), "plan.json")
+        self.client.log_dict(self.parent_id, plan.to_json(), "plan.json")
+
+    def record_version(self, version: Version) -> None:
+        """Keep a version of the study (versions.py) with the parent run."""
+        self.client.log_dict(self.parent_id, version.to_json(), f"{VERSIONS}/{version.fingerprint}.json")
 
     def cell_run(self, cell: Cell, device: str, start_epoch: int) -> "CellRun":
         """The cell's run: the interrupted one continued when its history fits `start_epoch`, else new."""
-        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell.hash}'"):
+        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell.cell_hash}'"):
             if run.info.status == "FINISHED":
                 continue
-            logged = [m.step for m in self.client.get_metric_history(run.info.run_id, "val_loss")]
+            logged = [m.step for m in self.client.get_metric_history(run.info.run_id, MetricName.VAL_LOSS)]
             if max(logged, default=0) <= start_epoch and run.info.status != "FAILED":
                 self.client.update_run(run.info.run_id, status="RUNNING")
                 return CellRun(self.client, run.info.run_id, set(logged))
@@ -208,7 +191,6 @@ class StudyLog:
         run = self.client.create_run(self.experiment_id, run_name=cell.label,
                                      tags={"mlflow.parentRunId": self.parent_id, ROLE: "cell",
                                            **cell_tags(cell, device)})
-        _, Param = _entities()
         items = [Param(k, v[:6000]) for k, v in cell_params(cell).items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
@@ -248,15 +230,11 @@ class CellRun:
     def log_cell_inputs(self, cell: Cell, data) -> None:
         """The resolved config and the split manifest as artifacts, and the dataset as the run's
         MLflow input (name, digest of the split manifest, source), so the UI's Dataset column shows it."""
-        from mlflow.entities import Dataset, DatasetInput, InputTag
         self.client.log_dict(self.run_id, to_dict(cell.config), "config.json")
         self.client.log_artifact(self.run_id, str(data.manifest))
-        source = cell.config.data
-        where = str(Path(source.root).resolve()) if source.source == "folder" else f"chae-ablate:{source.source}"
-        name = Path(source.root).name if source.source == "folder" else source.source
+        name, where, kind = SOURCES[cell.config.data.source].origin(cell.config.data)
         digest = hashlib.sha256(Path(data.manifest).read_bytes()).hexdigest()[:16]
-        dataset = Dataset(name=name, digest=digest, source_type="local" if source.source == "folder" else "code",
-                          source=where)
+        dataset = Dataset(name=name, digest=digest, source_type=kind, source=where)
         retrying(self.client.log_inputs, self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "train")])],
                  transient=lost_insert_race, attempts=4)
 
@@ -264,9 +242,6 @@ class CellRun:
     def system_metrics(self, interval_s: float | None = None) -> Iterator[None]:
         """MLflow's own system-metrics sampler (CPU, memory and, with an NVIDIA GPU, its utilisation
         and memory) logging to this run while the block runs, so `mlflow ui` shows a starved GPU."""
-        import logging
-
-        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s or SYSTEM_METRICS_S,
                                        resume_logging=bool(self.logged),
@@ -301,16 +276,29 @@ class CellRun:
         self.client.set_terminated(self.run_id, "KILLED")
 
     def _metrics(self, metrics: dict[str, float], step: int) -> None:
-        Metric, _ = _entities()
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
 
-# --- reading, for the report -----------------------------------------------------------------
+# --- reading: the study's records, curves, plan and versions ------------------------------------
 
-def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[dict]]:
-    """(cells, epochs, expected cells) of a study: one row per cell (its latest attempt), one per cell-epoch,
-    and every cell the study expects."""
+STATES = {"FINISHED": CellState.DONE, "FAILED": CellState.FAILED, "RUNNING": CellState.RUNNING,
+          "SCHEDULED": CellState.QUEUED, "KILLED": CellState.PRUNED}  # MLflow run status -> cell state
+VERSIONS = "versions"  # the parent run's artifact folder of version records
+
+
+@dataclass(frozen=True)
+class StudyRuns:
+    """What MLflow holds of a study."""
+
+    records: list[CellRecord]  # one per cell hash: its finished attempt if any, else its newest
+    epochs: pd.DataFrame  # one row per cell-epoch: run_id, variant, seed, epoch, EPOCH_METRICS
+    plan: Plan | None  # the plan of the study's latest run (None before any)
+    versions: list[Version]  # every recorded version, oldest first
+
+
+def load_study_runs(study_name: str) -> StudyRuns:
+    """Everything MLflow holds of a study (ChaeError when it has no experiment)."""
     client = _client(create=False)
     exp = client.get_experiment_by_name(study_name)
     if exp is None:
@@ -323,23 +311,49 @@ def load_study_runs(study_name: str) -> tuple[pd.DataFrame, pd.DataFrame, list[d
         prev = latest.get(run.data.tags.get("cell_hash"))
         if prev is None or prev.info.status != "FINISHED":
             latest[run.data.tags.get("cell_hash")] = run
-    cells = pd.DataFrame([_cell_row(r) for r in latest.values()], columns=_CELL_COLUMNS)
     epochs = pd.DataFrame([row for r in latest.values() for row in _epoch_rows(client, r)],
                           columns=["run_id", "variant", "seed", "epoch", *EPOCH_METRICS])
-    return cells, epochs, _expected_cells(client, exp.experiment_id)
+    parent = _parent_runs(client, exp.experiment_id)
+    plan_data = _artifact_json(client, parent[0].info.run_id, "plan.json") if parent else None
+    plan = Plan.from_json(plan_data, study_name) if plan_data else None
+    return StudyRuns([_record(r) for r in latest.values()], epochs, plan, _versions(client, parent))
 
 
-_CELL_COLUMNS = ["run_id", "variant", "seed", "cell_hash", "description", "status", "failure_reason",
-                 *SUMMARY_METRICS, "resolution"]
+def recorded_versions(study_name: str) -> list[Version]:
+    """The study's recorded versions, oldest first ([] when the store or the study does not exist;
+    creates nothing)."""
+    try:
+        client = _client(create=False)
+    except ChaeError:
+        return []
+    exp = client.get_experiment_by_name(study_name)
+    return _versions(client, _parent_runs(client, exp.experiment_id)) if exp is not None else []
 
 
-def _cell_row(run) -> dict[str, Any]:
-    tags, metrics = run.data.tags, run.data.metrics
-    return {"run_id": run.info.run_id, "variant": tags.get("variant"), "seed": int(tags.get("seed", -1)),
-            "cell_hash": tags.get("cell_hash"), "description": tags.get("description", ""),
-            "status": run.info.status, "failure_reason": tags.get("failure_reason", ""),
-            **{k: metrics.get(k, float("nan")) for k in SUMMARY_METRICS},
-            "resolution": float(run.data.params.get("model.resolution", "nan"))}
+def _versions(client, parents: list) -> list[Version]:
+    if not parents:
+        return []
+    run_id = parents[0].info.run_id
+    found = [_artifact_json(client, run_id, f.path) for f in client.list_artifacts(run_id, VERSIONS)]
+    return sorted((Version.from_json(v) for v in found if v), key=lambda v: v.recorded_at)
+
+
+def _artifact_json(client, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run (None when it is missing or unreadable)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            return json.loads(Path(client.download_artifacts(run_id, path, tmp)).read_text())
+        except Exception:
+            return None
+
+
+def _record(run) -> CellRecord:
+    tags, status = run.data.tags, STATES.get(run.info.status, CellState.FAILED)
+    metrics = {k: run.data.metrics[k] for k in SUMMARY_METRICS if k in run.data.metrics}
+    return CellRecord(cell_hash=tags.get("cell_hash", ""), variant=tags.get("variant", ""),
+                      seed=int(tags.get("seed", -1)), state=status,
+                      metrics=metrics if status == CellState.DONE else {}, source=f"mlflow run {run.info.run_id}",
+                      run_id=run.info.run_id, failure_reason=tags.get("failure_reason", ""))
 
 
 def _epoch_rows(client, run) -> list[dict[str, Any]]:
@@ -352,17 +366,13 @@ def _epoch_rows(client, run) -> list[dict[str, Any]]:
             for step, values in sorted(by_epoch.items())]
 
 
-def _expected_cells(client, experiment_id: str) -> dict:
-    """The parent run's plan.json ({} when there is none: the report then shows what ran)."""
-    parents = _parent_runs(client, experiment_id)
-    if not parents:
-        return {}
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            path = client.download_artifacts(parents[0].info.run_id, "plan.json", tmp)
-        except Exception:  # an older parent without a plan: report what ran
-            return {}
-        return json.loads(Path(path).read_text())
+def record_version(study_name: str, version: Version) -> None:
+    """Keep a version of the study with its parent run (for a report of a plan that was never run)."""
+    client = _client()
+    exp = client.get_experiment_by_name(study_name)
+    parents = exp and _parent_runs(client, exp.experiment_id)
+    if parents:
+        client.log_dict(parents[0].info.run_id, version.to_json(), f"{VERSIONS}/{version.fingerprint}.json")
 
 
 def log_report(study_name: str, report_dir: Path, files: list[Path], summary: pd.DataFrame) -> None:
@@ -378,10 +388,8 @@ def log_report(study_name: str, report_dir: Path, files: list[Path], summary: pd
     for path in files:
         folder = Path("report", Path(path).relative_to(report_dir).parent).as_posix().rstrip("/.")
         client.log_artifact(parent, str(path), folder)
-    Metric, _ = _entities()
-    from mlflow.entities import RunTag
     now, metrics, tags = int(time.time() * 1000), [], []
-    for r in summary[summary["variant"] != "baseline"].itertuples():
+    for r in summary[summary["variant"] != BASELINE].itertuples():
         tags.append(RunTag(f"verdict.{r.variant}", str(r.verdict)[:5000]))
         for key in ("diff", "diff_low", "diff_high", "n_pairs"):
             value = float(getattr(r, key))

@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .augment import to_float
-from .config import ExperimentConfig, ModelConfig
+from .config import OPTIMIZERS, ExperimentConfig, ModelConfig
 from .data import Dataset
 from .errors import ChaeError
 from .files import atomic_write
-from .metrics import CellResult, EpochMetrics
+from .metrics import CellResult, EpochMetrics, Metric
 from .model import build_model, count_parameters, forward_flops
 from .stream import DROPOUT, DeviceSplit, TrainingStream, epoch_seed
 
@@ -76,10 +76,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def make_optimizer(config: ExperimentConfig, params) -> torch.optim.Optimizer:
     p = config.protocol
-    if p.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=p.lr, momentum=0.9, weight_decay=p.weight_decay)
-    optimizer = torch.optim.AdamW if p.optimizer == "adamw" else torch.optim.Adam
-    return optimizer(params, lr=p.lr, weight_decay=p.weight_decay)
+    return OPTIMIZERS[p.optimizer](params, lr=p.lr, weight_decay=p.weight_decay)
 
 
 def evaluate(model: torch.nn.Module, split: DeviceSplit, autocast) -> tuple[float, float]:
@@ -140,11 +137,11 @@ def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: to
         metrics = dataclasses.asdict(EpochMetrics(train_loss, train_acc, val_loss, val_acc))
         if not all(math.isfinite(v) for v in metrics.values()):
             raise CellFailed(f"non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss})")
-        state["history"].append({**metrics, "images_per_s": images_per_s})
-        if val_loss < state["best_val_loss"]:
-            state.update(best_val_loss=val_loss, best_epoch=epoch, val_acc_at_best=val_acc,
-                         best_state={k: v.detach().clone() for k, v in model.state_dict().items()})
-        state["wall_time_s"] += time.perf_counter() - started
+        state["history"].append({**metrics, Metric.IMAGES_PER_S: images_per_s})
+        if val_loss < state[Metric.BEST_VAL_LOSS]:
+            state.update({Metric.BEST_VAL_LOSS: val_loss, Metric.BEST_EPOCH: epoch, Metric.VAL_ACC_AT_BEST: val_acc,
+                          "best_state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
+        state[Metric.WALL_TIME_S] += time.perf_counter() - started
         started = time.perf_counter()
         _save_checkpoint(checkpoint_dir, model, optimizer, state)
         tracker.log_epoch(epoch, metrics)
@@ -152,13 +149,13 @@ def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: to
         raise CellFailed("no epoch finished (protocol.epochs is 0?)")
     model.load_state_dict(state["best_state"])
     test_loss, test_acc = evaluate(model, DeviceSplit(data.test, device), autocast)
-    state["wall_time_s"] += time.perf_counter() - started
-    speeds = sorted(h["images_per_s"] for h in state["history"])
+    state[Metric.WALL_TIME_S] += time.perf_counter() - started
+    speeds = sorted(h[Metric.IMAGES_PER_S] for h in state["history"])
     return CellResult(
-        best_val_loss=state["best_val_loss"], best_epoch=state["best_epoch"],
-        val_acc_at_best=state["val_acc_at_best"], test_loss=test_loss, test_acc=test_acc,
+        best_val_loss=state[Metric.BEST_VAL_LOSS], best_epoch=state[Metric.BEST_EPOCH],
+        val_acc_at_best=state[Metric.VAL_ACC_AT_BEST], test_loss=test_loss, test_acc=test_acc,
         n_params=count_parameters(model), mflops=forward_flops(config.model, num_classes) / 1e6,
-        images_per_s=speeds[len(speeds) // 2], wall_time_s=state["wall_time_s"],
+        images_per_s=speeds[len(speeds) // 2], wall_time_s=state[Metric.WALL_TIME_S],
         history=state["history"], resumed_from=state["resumed_from"])
 
 
@@ -205,8 +202,8 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torc
 # --- checkpoints: written and read only here ---------------------------------------------------
 
 def _fresh_state() -> dict:
-    return {"history": [], "best_val_loss": math.inf, "best_epoch": 0, "val_acc_at_best": 0.0,
-            "best_state": None, "wall_time_s": 0.0, "resumed_from": 0}
+    return {"history": [], Metric.BEST_VAL_LOSS: math.inf, Metric.BEST_EPOCH: 0, Metric.VAL_ACC_AT_BEST: 0.0,
+            "best_state": None, Metric.WALL_TIME_S: 0.0, "resumed_from": 0}
 
 
 def _read(path: Path, device) -> dict:
@@ -214,6 +211,8 @@ def _read(path: Path, device) -> dict:
     saved = torch.load(path, map_location=device, weights_only=True)  # never unpickles code
     if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
         raise ValueError("not a chae-ablate checkpoint")
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint format {saved.get('format')!r}, this version reads {CHECKPOINT_FORMAT}")
     history = saved["state"].get("history")
     if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
         raise ValueError("its history is not a list of epochs")

@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from chae_ablate import analysis, stats
+from chae_ablate import analysis
 from chae_ablate.config import AnalysisConfig
 from chae_ablate.errors import ConfigError
+from chae_ablate.records import CellRecord, CellState, PlannedCell
 from chae_ablate.study import load_study, study_from_dict
 
 from conftest import STUDIES
@@ -186,10 +187,10 @@ def test_adaptive_study_draws_every_variant_from_one_seed_sequence():
     assert [study.seeds(v) for v in study.variants] == [list(range(10))] * 2  # [0, 1] then 2..9
     cells = study.cells()
     assert [(c.variant.name, c.seed) for c in cells] == [(v, s) for v in ("baseline", "depth2") for s in range(10)]
-    assert len({c.hash for c in cells}) == 20
-    fixed = {(c.variant.name, c.seed): c.hash for c in load_study(STUDIES / "synthetic-tiny.yaml").cells()}
+    assert len({c.cell_hash for c in cells}) == 20
+    fixed = {(c.variant.name, c.seed): c.cell_hash for c in load_study(STUDIES / "synthetic-tiny.yaml").cells()}
     # the fixed study's cells are the adaptive study's first two seeds: nothing is retrained
-    assert fixed == {(c.variant.name, c.seed): c.hash for c in cells if c.seed < 2}
+    assert fixed == {(c.variant.name, c.seed): c.cell_hash for c in cells if c.seed < 2}
     drawn = load_study(STUDIES / "synthetic-tiny.yaml",
                        {"analysis.adaptive": True, "analysis.max_seeds": 5, "protocol.seeds": [5, 2]})
     assert drawn.seeds(drawn.baseline) == [5, 2, 6, 7, 8]  # listed seeds first, then those after the largest
@@ -199,10 +200,10 @@ def test_vary_split_gives_each_seed_its_own_split():
     study = load_study(STUDIES / "synthetic-tiny.yaml", {"analysis.vary_split": True, "data.split_seed": 42})
     cells = study.cells()
     assert [c.config.data.split_seed for c in cells] == [c.seed for c in cells] == [0, 1, 0, 1]
-    assert len({c.hash for c in cells}) == 4
+    assert len({c.cell_hash for c in cells}) == 4
     fixed = load_study(STUDIES / "synthetic-tiny.yaml", {"data.split_seed": 42}).cells()
     assert {c.config.data.split_seed for c in fixed} == {42}
-    assert not {c.hash for c in cells} & {c.hash for c in fixed}  # another split, another cell
+    assert not {c.cell_hash for c in cells} & {c.cell_hash for c in fixed}  # another split, another cell
     both = load_study(STUDIES / "synthetic-tiny.yaml", {"analysis.vary_split": True, "analysis.adaptive": True})
     assert [c.config.data.split_seed for c in both.cells()] == list(range(10)) * 2
 
@@ -255,9 +256,41 @@ def test_adaptive_study_refuses_a_variant_with_its_own_seeds():
     assert fixed.seeds(fixed.variants[1]) == [3, 4]
 
 
-def test_decisions_come_from_stats_decide(adaptive):
-    """analyse adds no statistics of its own: its decision at a look is stats.decide's on the same
-    differences (the report's figures are checked against scipy in test_report and test_decide)."""
-    d = {v: diffs_on(v, adaptive.seeds[v]) for v in ["slow"]}
-    direct = stats.decide(d, 0.05, n_looks=3, n_variants=3)["slow"]
-    np.testing.assert_equal(dataclasses.asdict(direct), dataclasses.asdict(adaptive.decisions["slow"]))
+def plan_of(values: dict, seeds: dict, config: AnalysisConfig, version: str = "v1") -> analysis.Plan:
+    cells = tuple(PlannedCell(f"{version}-{v}-{s}", v, s) for v in seeds for s in seeds[v])
+    return analysis.Plan("t", cells, {v: tuple(ss) for v, ss in seeds.items()}, config)
+
+
+def records_of(values: dict, version: str = "v1", state: CellState = CellState.DONE) -> list[CellRecord]:
+    return [CellRecord(f"{version}-{v}-{s}", v, s, state, {"best_val_loss": x}) for v, by_seed in values.items()
+            for s, x in by_seed.items()]
+
+
+def test_outcome_joins_records_to_the_plan_on_the_cell_hash_alone(adaptive):
+    """Records of another version of the study (other hashes, same variants and seeds) are listed as
+    earlier and never counted: the plan's own cells without a record are missing."""
+    plan = plan_of(VALUES, SEEDS, ADAPTIVE)
+    mine = records_of({v: {s: VALUES[v][s] for s in adaptive.seeds[v]} for v in VARIANTS})
+    out = analysis.outcome(plan, mine)
+    assert out.seeds == adaptive.seeds and out.complete
+    assert {v: d.verdict for v, d in out.decisions.items()} == {"fast": "better", "mid": "worse", "slow": "equivalent"}
+    assert [c.cell_hash for c in out.needed] == [f"v1-{v}-{s}" for v in VARIANTS for s in adaptive.seeds[v]]
+
+    gross = {v: {s: 10.0 for s in ORDER} for v in VARIANTS}  # an earlier version with absurd values
+    del mine[0]  # the current baseline's first cell has no record yet
+    out = analysis.outcome(plan, [*mine, *records_of(gross, version="v0")])
+    assert len(out.earlier) == 4 * 10 and {r.cell_hash[:2] for r in out.earlier} == {"v0"}
+    first = out.records[f"v1-baseline-{ORDER[0]}"]
+    assert first.state == CellState.MISSING and not out.complete  # waits for its own cell
+    assert out.decisions == {} and math.isnan(out.value(out.needed[0], "best_val_loss"))
+
+
+def test_outcome_keeps_unneeded_cells_of_the_plan_apart(adaptive):
+    """Cells of this plan that no look needed (seeds run before the study became adaptive) are
+    neither counted nor called earlier."""
+    plan = plan_of(VALUES, SEEDS, ADAPTIVE)
+    out = analysis.outcome(plan, records_of(VALUES))
+    assert same(dataclasses.replace(out, needed=(), records={}, unneeded=(), earlier=()), adaptive)
+    unneeded = {(r.variant, r.seed) for r in out.unneeded}
+    assert unneeded == {(v, s) for v in VARIANTS for s in ORDER if s not in adaptive.seeds[v]}
+    assert out.earlier == ()

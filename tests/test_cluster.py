@@ -65,17 +65,23 @@ def test_status_lists_cells_and_who_holds_the_running_one(workdir):
     from chae_ablate.ledger import Ledger
     from chae_ablate.study import load_study
     study = load_study(TINY)
-    ledger = Ledger(study.name, f"sqlite:///{(workdir / 'runs' / 'optuna.db').resolve()}")
-    ledger.queue(study.cells())
-    ledger.claim().complete({"best_val_loss": 0.5, "test_acc": 0.75})
-    ledger.claim()
+    plan = study.plan()
+    ledger = Ledger(study.name, f"sqlite:///{(workdir / 'runs' / 'optuna.db').resolve()}", 5, 15)
+    ledger.queue(plan.cells)
+    hashes = {c.cell_hash for c in plan.cells}
+    ledger.claim(hashes).complete({"best_val_loss": 0.5, "test_acc": 0.75})
+    ledger.claim(hashes)
+    other = load_study(TINY, {"protocol.epochs": 3}).plan()  # an earlier version's cells: kept apart
+    ledger.queue(other.cells[:2])
+    ledger.claim({c.cell_hash for c in other.cells}).fail("boom")
     result = cli.invoke(app, ["status", str(TINY)])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
     assert lines[0].split() == ["variant", "seed", "state", "best_val_loss", "test_acc", "worker"]
-    assert lines[1].split()[:5] == ["baseline", "0", "COMPLETE", "0.5000", "0.750"] and len(lines[1].split()) == 5
-    assert lines[2].split()[:3] == ["baseline", "1", "RUNNING"] and lines[2].split()[3].endswith(f":{__import__('os').getpid()}")
-    assert lines[-1] == "1 done, 1 running, 2 queued, 0 failed, 0 not queued yet, of 4 cells"
+    assert lines[1].split()[:5] == ["baseline", "0", "done", "0.5000", "0.750"] and len(lines[1].split()) == 5
+    assert lines[2].split()[:3] == ["baseline", "1", "running"] and lines[2].split()[3].endswith(f":{__import__('os').getpid()}")
+    assert lines[-2] == "1 done, 1 running, 2 queued, 0 failed, 0 not queued yet, of 4 cells"
+    assert lines[-1] == "kept apart: 2 cells of other versions of this study (1 queued, 1 failed), not counted"
 
 
 # --- a real single-node SLURM ------------------------------------------------------------------
@@ -135,7 +141,7 @@ def task_logs(folder: Path) -> str:
 
 
 def ledger_trials(folder: Path, name: str) -> list:
-    from chae_ablate.ledger import open_study
+    from chae_ablate.ledger.storage import open_study
     return open_study(name, f"journal:{folder / 'runs' / 'ledger.journal'}", 5, 15).get_trials()
 
 
@@ -251,7 +257,11 @@ def test_a_search_runs_on_a_job_array_led_by_task_0(on_slurm):
     wait_for(lambda: not squeue(job), 420, f"job array {job} to leave the queue:\n{task_logs(on_slurm)}")
     logs = task_logs(on_slurm)
     assert "Traceback" not in logs and logs.count("Job completed successfully") == 2, logs
-    from chae_ablate.ledger import open_study
-    trials = open_study("slurmsearch-search-trials", f"journal:{on_slurm / 'runs' / 'ledger.journal'}", 5, 15).get_trials()
+    from chae_ablate.ledger.storage import open_study
+    from chae_ablate.search import trials_name
+    from chae_ablate.study import load_study
+    study = load_study(on_slurm / "search.yaml")
+    trials = open_study(trials_name(study, study.search.trials), f"journal:{on_slurm / 'runs' / 'ledger.journal'}",
+                        5, 15).get_trials()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4  # the budget, exactly
     assert (on_slurm / "reports" / "slurmsearch-search" / "report.md").exists()  # written by task 0

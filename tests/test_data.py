@@ -19,9 +19,10 @@ import torch
 from PIL import Image, ImageFile
 
 from chae_ablate import data as data_module
-from chae_ablate import files
+from chae_ablate import files, images, sources
 from chae_ablate.config import DataConfig
-from chae_ablate.data import DataWarning, load_dataset
+from chae_ablate.data import load_dataset
+from chae_ablate.sources import DataWarning
 from chae_ablate.errors import DataError
 
 R = 16  # small resolution keeps every test fast
@@ -200,9 +201,10 @@ def test_cache_files_are_written_atomically(folder, tmp_path, monkeypatch, crash
         load_dataset(folder_cfg(folder), R, tmp_path, progress=False)
     assert os.listdir(tmp_path / "cache") == []
     monkeypatch.undo()
-    assert data_module.atomic_write is files.atomic_write and not hasattr(data_module, "_atomic_write")
     written = []
-    monkeypatch.setattr(data_module, "atomic_write", lambda path, write: written.append(Path(path).parent.name))
+    for module in (images, data_module):  # the cache, the manifest
+        assert module.atomic_write is files.atomic_write and not hasattr(module, "_atomic_write")
+        monkeypatch.setattr(module, "atomic_write", lambda path, write: written.append(Path(path).parent.name))
     load_dataset(folder_cfg(folder), R, tmp_path, progress=False)
     assert written == ["cache", "splits"]
 
@@ -252,7 +254,7 @@ def test_symlinks_out_of_the_root_are_listed_not_followed(folder, tmp_path):
     assert "cat/link.jpg (symlink leading out of the data root, not followed)" in message
     assert "stolen (symlink to a folder not below the data root, not followed)" in message
     assert "dog/sub (symlinked folder, not followed)" in message
-    assert data_module.class_names(folder) == ("cat", "dog", "owl")  # what `plan` counts
+    assert images.class_names(folder) == ("cat", "dog", "owl")  # what `plan` counts
 
 
 def test_broken_links_fifos_and_non_utf8_names_are_listed_not_fatal(folder, tmp_path):
@@ -284,14 +286,14 @@ def test_odd_but_valid_names_load_and_round_trip_the_manifest(tmp_path):
 
 
 def test_a_file_that_vanishes_after_the_scan_is_listed(folder, tmp_path, monkeypatch):
-    scan = data_module.scan_tree
+    scan = sources.scan_tree
 
     def scan_then_delete(root):
         found = scan(root)
         (root / "dog" / "04.jpg").unlink()
         return found
 
-    monkeypatch.setattr(data_module, "scan_tree", scan_then_delete)
+    monkeypatch.setattr(sources, "scan_tree", scan_then_delete)
     with pytest.warns(DataWarning, match="dog/04.jpg \\(unreadable: No such file or directory\\)"):
         data = load_dataset(folder_cfg(folder), R, tmp_path / "runs", progress=False)
     assert data.skipped == ("dog/04.jpg",)
@@ -316,7 +318,7 @@ def test_unreadable_folders_are_listed_and_an_unreadable_root_is_a_data_error(fo
     with pytest.raises(DataError, match="cannot read the data root .*: Permission denied"):
         load_dataset(folder_cfg(folder), R, tmp_path / "runs", progress=False)
     with pytest.raises(DataError, match="cannot read the data root .*a{300}: File name too long"):
-        data_module.class_names(tmp_path / ("a" * 300))  # what `plan` calls on data.root
+        images.class_names(tmp_path / ("a" * 300))  # what `plan` calls on data.root
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -368,12 +370,12 @@ def image_in(mode: str, size: tuple[int, int], seed: int = 0) -> Image.Image:
 def test_to_pixels_equals_convert_then_resize(mode, size, monkeypatch):
     # The cached pixels must stay those of the plain pipeline (RGB copy, then PIL's resize with a
     # reducing gap of 3), also when a big image is reduced a strip at a time before its RGB copy.
-    monkeypatch.setattr(data_module, "STRIP_PIXELS", 9_000)  # many strips, a ragged last one
+    monkeypatch.setattr(images, "STRIP_PIXELS", 9_000)  # many strips, a ragged last one
     image = image_in(mode, size)
     for resolution in (8, 16, 33):
-        plain = data_module.to_rgb(image).resize((resolution, resolution), Image.Resampling.BILINEAR,
-                                                 reducing_gap=3.0)
-        assert np.array_equal(data_module.to_pixels(image, resolution), np.asarray(plain).transpose(2, 0, 1))
+        plain = images.to_rgb(image).resize((resolution, resolution), Image.Resampling.BILINEAR,
+                                            reducing_gap=3.0)
+        assert np.array_equal(images.to_pixels(image, resolution), np.asarray(plain).transpose(2, 0, 1))
 
 
 def test_big_images_are_reduced_before_their_rgb_copy(monkeypatch):
@@ -385,12 +387,12 @@ def test_big_images_are_reduced_before_their_rgb_copy(monkeypatch):
         converted.append(self.size[0] * self.size[1])
         return convert(self, *args, **kwargs)
 
-    monkeypatch.setattr(data_module, "STRIP_PIXELS", 20_000)
+    monkeypatch.setattr(images, "STRIP_PIXELS", 20_000)
     for mode in ("L", "P", "RGBA", "I;16", "RGB"):
         image = image_in(mode, (600, 400))
         monkeypatch.setattr(Image.Image, "convert", spy)
         converted.clear()
-        data_module.to_pixels(image, 32)
+        images.to_pixels(image, 32)
         monkeypatch.setattr(Image.Image, "convert", convert)
         assert 0 < max(converted, default=1) <= 20_000, mode  # never all 240,000 pixels at once
 
@@ -414,12 +416,12 @@ def test_huge_decodes_run_one_at_a_time(tmp_path, monkeypatch):
                 active[0] -= 1
 
     monkeypatch.setattr(ImageFile.ImageFile, "load", slow_load)
-    monkeypatch.setattr(data_module.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(images.os, "cpu_count", lambda: 4)
     paths = sorted((tmp_path / "big").iterdir())
-    monkeypatch.setattr(data_module, "LARGE_PIXELS", 60 * 50 - 1)
-    list(data_module.map_images(partial(data_module.decode_file, resolution=8), paths))
+    monkeypatch.setattr(images, "LARGE_PIXELS", 60 * 50 - 1)
+    list(images.map_images(partial(images.decode_file, resolution=8), paths))
     assert most[0] == 1
-    monkeypatch.setattr(data_module, "LARGE_PIXELS", 60 * 50)  # not large: decoded side by side
+    monkeypatch.setattr(images, "LARGE_PIXELS", 60 * 50)  # not large: decoded side by side
     most[0] = 0
-    list(data_module.map_images(partial(data_module.decode_file, resolution=8), paths))
+    list(images.map_images(partial(images.decode_file, resolution=8), paths))
     assert most[0] > 1

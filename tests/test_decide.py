@@ -13,6 +13,7 @@ from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
 from chae_ablate import stats
+from chae_ablate.records import DECISIONS
 
 ALPHA = 0.05
 N_STUDIES = 4000  # simulated studies per error-rate check: one standard error of 0.05 is 0.0034
@@ -149,27 +150,12 @@ def test_bad_arguments_are_refused():
         stats.decide({"a": [0.1, 0.2], "b": [0.1, 0.2]}, 1.0, n_looks=1, n_variants=1)
 
 
-def test_paired_differences_align_seeds():
-    v = pd.Series({0: 0.5, 1: 0.6, 3: 0.9, 4: math.nan})
-    b = pd.Series({1: 0.4, 0: 0.45, 2: 0.5, 4: 0.5})
-    assert stats.paired_differences(v, b) == pytest.approx([0.05, 0.2])
-
-
-def test_next_round_adds_seeds_to_undecided_variants_only():
-    plan = stats.looks(3, 10)
-    decs = stats.decide({"eq": [0.0, 0.0, 0.0], "open": [0.5, -0.9, 0.2]}, 0.1, n_looks=len(plan))
-    assert decs["open"].verdict == "undecided"
-    assert stats.next_round(decs, 3, plan) == {"eq": 0, "open": 6}
-    assert stats.next_round(decs, {"eq": 3, "open": 6}, plan) == {"eq": 0, "open": 10}
-    assert stats.next_round(decs, 10, plan) == {"eq": 0, "open": 0}
-
-
 def se_bound(rate: float = ALPHA, n: int = N_STUDIES) -> float:
     return rate + 3 * math.sqrt(rate * (1 - rate) / n)
 
 
 def code(verdict: str) -> int:
-    return stats.VERDICTS.index(verdict)
+    return DECISIONS.index(verdict)
 
 
 @pytest.mark.parametrize("m", [1, 11])
@@ -180,7 +166,18 @@ def test_no_difference_is_rarely_called_better_or_worse(m, sd, lower_is_better):
                          lower_is_better=lower_is_better, seed=m)
     claimed = np.isin(sim.verdict, [code("better"), code("worse")]).any(axis=1)
     assert claimed.mean() <= se_bound()
-    assert sim.family_error == claimed.mean()
+
+
+def test_family_error_counts_studies_with_any_wrong_claim():
+    """Three studies of two variants (true differences 0 and 2, margin 1, lower is better), verdicts
+    chosen by hand: a wrong 'better', a wrong 'equivalent' and two right calls."""
+    verdicts = np.array([[code("better"), code("worse")],  # variant 0 has no effect: 'better' is wrong
+                         [code("undecided"), code("equivalent")],  # a difference of 2 margins is not equivalent
+                         [code("undecided"), code("worse")]])  # right
+    within = np.array([[False, False], [False, True], [False, False]])
+    sim = stats.Simulation(verdicts, within, np.full((3, 2), 3), np.array([0.0, 2.0]), 1.0, True, 10)
+    assert sim.wrong().tolist() == [[True, False], [False, True], [False, False]]
+    assert sim.family_error == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("m", [1, 11])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -30,6 +31,7 @@ from chae_ablate.cli import app
 from conftest import STUDIES, slow_study
 
 pytestmark = pytest.mark.slow
+DONE_ROW = re.compile(r"^\S+\s+\d+\s+done\s", re.M)  # a row of the cells table `run` prints
 
 SLOW_STUDY = slow_study("dist-kill")
 
@@ -188,7 +190,7 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
     first = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
     others = [cli("worker", *common, cwd=tmp_path / m, tracking=mlflow_server) for m in ("m2", "m3")]
     outputs = [finish(p) for p in (first, *others)]
-    assert outputs[0].count("COMPLETE") == 6, outputs[0]
+    assert len(DONE_ROW.findall(outputs[0])) == 6, outputs[0]
 
     trials = ledger_trials(postgres, name)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -236,9 +238,9 @@ def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_
 
     # another machine joins after the kill (started earlier, it could finish both cells before the
     # victim claims one): it trains the other cell, then the killed one once its heartbeat is stale
-    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
-    out = finish(survivor)  # waits out the 15 s heartbeat grace, then trains the killed cell itself
-    assert out.count("COMPLETE") == 2, out
+    survivor = cli("run", *common, "--no-report", "--grace", "3", cwd=tmp_path / "m1", tracking=mlflow_server)
+    out = finish(survivor)  # waits out the grace period, then trains the killed cell itself
+    assert len(DONE_ROW.findall(out)) == 2, out
     trials = ledger_trials(postgres, name)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]

@@ -37,7 +37,7 @@ def test_run_and_report_on_real_paintings(workdir):
     report = workdir / "reports" / "artists-e2e"
     cells = pd.read_csv(report / "results.csv")
     assert sorted(cells["variant"]) == ["baseline", "depth1"]
-    assert (cells["status"] == "FINISHED").all()
+    assert (cells["status"] == "done").all()
     assert cells["best_val_loss"].between(0, 5).all() and cells["test_acc"].between(0, 1).all()
     manifest = next((workdir / "runs" / "splits").glob("*.csv"))
     assert len(pd.read_csv(manifest)) == 3902
@@ -45,8 +45,10 @@ def test_run_and_report_on_real_paintings(workdir):
     summary = pd.read_csv(report / "summary.csv").set_index("variant")
     assert summary.loc["depth1", "verdict"] == "undecided" and summary.loc["depth1", "n_pairs"] == 1
     assert "`depth1` n=1" in text and "--adaptive" in text  # one seed: undecided, and says how to decide
-    for png in (report / "figures").glob("*.png"):
-        with Image.open(png) as image:
+    figures = sorted(p.name for p in (report / "figures").glob("*.png"))
+    assert figures == ["differences.png", "params_vs_metric.png", "val_loss_curves.png"]
+    for name in figures:
+        with Image.open(report / "figures" / name) as image:
             assert image.size[0] > 100 and image.getextrema() != ((255, 255),) * 3
 
     rebuilt = subprocess.run([sys.executable, "-m", "chae_ablate", "report", "artists-e2e", "--out", "again"],

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from chae_ablate import plan as plan_module
 from chae_ablate.cli import app
-from chae_ablate.study import MAX_FILE_BYTES
+from chae_ablate.studyfile import MAX_FILE_BYTES
 
 from conftest import STUDIES
 

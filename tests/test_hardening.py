@@ -42,7 +42,7 @@ def one_cell_study():
     return load_study(TINY, {"protocol.seeds": [0]})
 
 
-@pytest.mark.parametrize("payload", ["planted", "garbage", "wrong shape"])
+@pytest.mark.parametrize("payload", ["planted", "garbage", "wrong shape", "old format"])
 def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir, payload):
     study = one_cell_study()
     cell = study.cells()[0]
@@ -53,13 +53,16 @@ def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir, payload
         (folder / "last.pt").write_bytes(pickle.dumps({"state": Planted(marker)}))
     elif payload == "garbage":
         (folder / "last.pt").write_bytes(os.urandom(4096))
-    else:  # a real checkpoint of another model: loads as data, then fails load_state_dict
-        torch.save({"model": {"w": torch.zeros(3)}, "optimizer": {}, "state": {"history": [{}]}}, folder / "last.pt")
+    elif payload == "wrong shape":  # a real checkpoint of another model: loads as data, fails load_state_dict
+        torch.save({"format": train.CHECKPOINT_FORMAT, "model": {"w": torch.zeros(3)}, "optimizer": {},
+                    "state": {"history": [{}]}}, folder / "last.pt")
+    else:  # another version's layout: refused by its format before anything of it is used
+        torch.save({"format": 1, "model": {}, "optimizer": {}, "state": {"history": [{}]}}, folder / "last.pt")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = run_study(study, RunOptions(progress=False), report=False)
     assert not marker.exists(), "unpickling the checkpoint ran code"
-    assert [c.state for c in summary.cells] == ["COMPLETE"] * 2
+    assert [c.state for c in summary.cells] == ["done"] * 2
     assert any(issubclass(w.category, train.CheckpointWarning) for w in caught)
     assert len(list(folder.glob("last.pt.unloadable-*"))) == 1
     assert train.checkpoint_epochs(folder) == 2  # the restarted cell wrote a good one
@@ -95,9 +98,9 @@ def test_an_unexpected_error_fails_one_cell_and_the_study_goes_on(workdir, monke
     monkeypatch.setattr("chae_ablate.runner.train_cell", flaky)
     summary = run_study(load_study(TINY), RunOptions(progress=False))
     states = {(c.variant, c.seed): c for c in summary.cells}
-    assert states[("depth2", 1)].state == "FAIL"
+    assert states[("depth2", 1)].state == "failed"
     assert "RuntimeError: CUDA out of memory" in states[("depth2", 1)].failure_reason
-    assert sum(c.state == "COMPLETE" for c in summary.cells) == 3
+    assert sum(c.state == "done" for c in summary.cells) == 3
     assert summary.report is not None and summary.report.exists()
     client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     exp = client.get_experiment_by_name("synthetic-tiny")

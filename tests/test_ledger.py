@@ -1,4 +1,5 @@
-"""The ledger: Optuna's private attributes it relies on, URL handling, queueing and claiming."""
+"""The ledger: Optuna's private attributes it relies on, URL handling, queueing and claiming, and the
+translation of trials into the project's cell records."""
 from __future__ import annotations
 
 import os
@@ -10,7 +11,10 @@ import pytest
 from optuna.storages import BaseStorage
 
 from chae_ablate.errors import ChaeError
-from chae_ablate.ledger import LEASE, Ledger, _internals, journal_file, shown, storage_url, study_exists
+from chae_ablate.ledger import Ledger, journal_file, masked, recorded_versions, storage_url, study_exists
+from chae_ablate.ledger.storage import LEASE, internals
+from chae_ablate.options import RUN_DEFAULTS
+from chae_ablate.records import CellState, PlannedCell
 from chae_ablate.study import load_study
 
 from conftest import STUDIES
@@ -19,48 +23,92 @@ STORAGES = {"sqlite": lambda tmp: f"sqlite:///{tmp / 'o.db'}", "journal": lambda
 storages = pytest.mark.parametrize("make_url", STORAGES.values(), ids=STORAGES.keys())
 
 
+def open_ledger(name: str, url: str, grace_s: int = RUN_DEFAULTS.grace_s) -> Ledger:
+    return Ledger(name, url, RUN_DEFAULTS.heartbeat_s, grace_s)
+
+
+def planned(study) -> list[PlannedCell]:
+    return list(study.plan().cells)
+
+
+def hashes(study) -> set[str]:
+    return {c.cell_hash for c in study.plan().cells}
+
+
 def test_optuna_internals_still_exist(tmp_path):
     """Fails loudly when a new Optuna renames Study._storage or Trial._trial_id (checked against 5.0.0)."""
     study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'o.db'}")
     study.enqueue_trial({})
     frozen = study.get_trials()[0]
-    storage, trial_id = _internals(study, frozen)
+    storage, trial_id = internals(study, frozen)
     assert isinstance(storage, BaseStorage)
     assert storage.get_trial(trial_id).number == frozen.number
     trial = optuna.trial.Trial(study, trial_id)
-    assert _internals(study, trial)[1] == trial_id
+    assert internals(study, trial)[1] == trial_id
 
 
 def test_storage_urls_are_parsed_and_masked():
     url = "postgresql://user:secret@db.example:5432/chae"
-    assert "secret" not in shown(url) and "***" in shown(url)
+    assert "secret" not in masked(url) and "***" in masked(url)
     assert storage_url("sqlite:///runs/optuna.db").get_backend_name() == "sqlite"
     with pytest.raises(ChaeError, match="not a database URL"):
         storage_url("not a url")
 
 
 @storages
-def test_queue_claim_complete_and_states(tmp_path, make_url):
+def test_queue_claim_complete_and_records(tmp_path, make_url):
     study = load_study(STUDIES / "synthetic-tiny.yaml")
     assert not study_exists(study.name, make_url(tmp_path)) and not list(tmp_path.iterdir())  # creates nothing
-    ledger = Ledger(study.name, make_url(tmp_path))
+    ledger = open_ledger(study.name, make_url(tmp_path))
     assert study_exists(study.name, make_url(tmp_path)) and not study_exists("other", make_url(tmp_path))
-    cells = study.cells()
+    cells = planned(study)
     assert ledger.queue(cells) == 4 and ledger.queue(cells) == 0  # queued once
-    claim = ledger.claim()
-    assert claim is not None and claim.cell_hash == cells[0].hash
-    assert ledger.cell_states(cells)[0].worker.endswith(f":{os.getpid()}")  # host:pid of the holder
+    assert {r.state for r in ledger.records()} == {CellState.QUEUED}
+    claim = ledger.claim(hashes(study))
+    assert claim is not None and claim.cell_hash == cells[0].cell_hash
     claim.report(1, 0.9)
     assert claim.reported_epochs() == {1}
     claim.complete({"best_val_loss": 0.5, "test_acc": 0.75})
-    failed = ledger.claim()
+    failed = ledger.claim(hashes(study))
     failed.fail("boom")
-    states = {c.cell_hash: c for c in ledger.cell_states(cells)}
-    assert states[cells[0].hash].state == "COMPLETE" and states[cells[0].hash].best_val_loss == 0.5
-    assert states[cells[1].hash].state == "FAIL" and states[cells[1].hash].failure_reason == "boom"
+    running = ledger.claim(hashes(study))
+    records = {r.cell_hash: r for r in ledger.records()}
+    done, bad, held = records[cells[0].cell_hash], records[cells[1].cell_hash], records[running.cell_hash]
+    assert (done.state, done.metrics, done.variant, done.seed) == (CellState.DONE, {"best_val_loss": 0.5, "test_acc": 0.75},
+                                                                   cells[0].variant, cells[0].seed)
+    assert done.source == "ledger trial 0"
+    assert (bad.state, bad.failure_reason, bad.metrics) == (CellState.FAILED, "boom", {})
+    assert held.state == CellState.RUNNING and held.worker.endswith(f":{os.getpid()}")  # host:pid of the holder
     assert ledger.queue(cells, retry_failed=False) == 0  # a running study does not retry
     assert ledger.queue(cells) == 1  # a rerun does
-    assert ledger.progress({c.hash for c in cells}) == (1, 0, 4)
+
+
+@storages
+def test_a_worker_claims_only_the_cells_of_its_own_plan(tmp_path, make_url):
+    """Two versions of a study share its ledger: a worker of one never trains, fails or waits for
+    the other's queued cells."""
+    old = load_study(STUDIES / "synthetic-tiny.yaml")
+    new = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.epochs": 3})
+    ledger = open_ledger(old.name, make_url(tmp_path))
+    ledger.queue(planned(old))
+    assert hashes(old).isdisjoint(hashes(new))  # epochs are part of a cell's identity
+    assert ledger.claim(hashes(new)) is None and not ledger.active(hashes(new))
+    assert ledger.active(hashes(old))
+    ledger.queue(planned(new))
+    claimed = {ledger.claim(hashes(new)).cell_hash for _ in range(4)}
+    assert claimed == hashes(new) and ledger.claim(hashes(new)) is None
+    assert {r.state for r in ledger.records() if r.cell_hash in hashes(old)} == {CellState.QUEUED}
+
+
+@storages
+def test_versions_are_kept_with_the_study(tmp_path, make_url):
+    url = make_url(tmp_path)
+    assert recorded_versions("tiny", url) == []  # creates nothing
+    assert not list(tmp_path.iterdir())
+    ledger = open_ledger("tiny", url)
+    ledger.record_version("abc", {"fingerprint": "abc", "source": "/s.yaml", "recorded_at": "2026-01-01T00:00:00"})
+    ledger.record_version("def", {"fingerprint": "def", "source": "/s.yaml", "recorded_at": "2026-01-02T00:00:00"})
+    assert sorted(v["fingerprint"] for v in recorded_versions("tiny", url)) == ["abc", "def"]
 
 
 @storages
@@ -68,22 +116,22 @@ def test_a_claim_taken_over_after_late_heartbeats_records_nothing(tmp_path, make
     """Under heavy load a live worker's heartbeats can be late: its trial is failed as stale and
     re-queued. The worker finishing later must not crash (it crashed a --workers 2 run in CI)."""
     study = load_study(STUDIES / "synthetic-tiny.yaml")
-    ledger = Ledger(study.name, make_url(tmp_path))
-    ledger.queue(study.cells())
-    claim = ledger.claim()
-    ledger.study.tell(claim.trial, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does
+    ledger = open_ledger(study.name, make_url(tmp_path))
+    ledger.queue(planned(study))
+    claim = ledger.claim(hashes(study))
+    ledger.study.tell(claim._trial, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does
     claim.report(1, 0.9)
     claim.complete({"best_val_loss": 0.5})
     claim.fail("late")
-    state = {c.cell_hash: c for c in ledger.cell_states(study.cells())}[claim.cell_hash]
-    assert state.state == "FAIL" and state.failure_reason == ""
+    record = {r.cell_hash: r for r in ledger.records()}[claim.cell_hash]
+    assert record.state == CellState.FAILED and record.failure_reason == ""
 
 
 def _claim_all(url: str, out) -> None:
     study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
-    ledger = Ledger(study.name, url)
-    while (claim := ledger.claim()) is not None:
-        out.put(claim.trial.number)
+    ledger = open_ledger(study.name, url)
+    while (claim := ledger.claim(hashes(study))) is not None:
+        out.put(claim.number)
 
 
 @storages
@@ -94,7 +142,7 @@ def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path, make_url):
     import multiprocessing
     url = make_url(tmp_path)
     study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
-    Ledger(study.name, url).queue(study.cells())
+    open_ledger(study.name, url).queue(planned(study))
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
     workers = [context.Process(target=_claim_all, args=(url, out)) for _ in range(4)]
@@ -114,29 +162,29 @@ def test_journal_leases_return_a_silent_workers_cell_to_the_queue(tmp_path):
     the trial and claims its re-queued copy (same cell)."""
     study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": [0]})
     url = f"journal:{tmp_path / 'o.journal'}"
-    alive, other = Ledger(study.name, url, grace_s=2), Ledger(study.name, url, grace_s=2)
-    alive.queue(study.cells())
-    held = alive.claim()
-    with held.heartbeat(0.5):
+    alive, other = Ledger(study.name, url, 1, 2), Ledger(study.name, url, 1, 2)  # heartbeat 1 s, grace 2 s
+    alive.queue(planned(study))
+    held = alive.claim(hashes(study))
+    with held.heartbeat():
         time.sleep(3)  # longer than the grace period, but the lease is renewed
-        renewed = other.claim()
+        renewed = other.claim(hashes(study))
         assert renewed is not None and renewed.cell_hash != held.cell_hash
-    assert alive.study.get_trials()[held.trial.number].user_attrs[LEASE] > time.time() - 2
+    assert alive.study.get_trials()[held.number].user_attrs[LEASE] > time.time() - 2
     time.sleep(2.5)  # silent now, as a killed worker
-    retaken = other.claim()
+    retaken = other.claim(hashes(study))
     assert retaken is not None and retaken.cell_hash == held.cell_hash
     states = {t.number: t.state for t in other.study.get_trials()}
-    assert states[held.trial.number] == optuna.trial.TrialState.FAIL
-    assert states[retaken.trial.number] == optuna.trial.TrialState.RUNNING
+    assert states[held.number] == optuna.trial.TrialState.FAIL
+    assert states[retaken.number] == optuna.trial.TrialState.RUNNING
     held.complete({"best_val_loss": 0.5})  # the silent worker, back late: records nothing
     retaken.complete({"best_val_loss": 0.4})
-    by_hash = {c.cell_hash: c for c in other.cell_states(study.cells())}
-    assert by_hash[held.cell_hash].state == "COMPLETE" and by_hash[held.cell_hash].best_val_loss == 0.4
+    record = {r.cell_hash: r for r in other.records()}[held.cell_hash]
+    assert record.state == CellState.DONE and record.metrics["best_val_loss"] == 0.4
 
 
 def test_journal_urls():
     assert journal_file("sqlite:///x.db") is None
     assert journal_file("journal:runs/l.journal") == (Path.cwd() / "runs" / "l.journal")
-    assert shown("journal:runs/l.journal") == "journal:runs/l.journal"
+    assert masked("journal:runs/l.journal") == "journal:runs/l.journal"
     with pytest.raises(ChaeError, match="expected a file after journal:"):
         journal_file("journal:")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import base64
 import math
 import re
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -15,9 +17,13 @@ from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
 from statsmodels.stats.weightstats import ttost_paired
 
-from chae_ablate import report, tracking
-from chae_ablate.config import AnalysisConfig
+from chae_ablate import files, report, tracking
+from chae_ablate.analysis import Plan, outcome
+from chae_ablate.config import AnalysisConfig, parse
 from chae_ablate.errors import ChaeError
+from chae_ablate.metrics import EPOCH_METRICS
+from chae_ablate.records import CellRecord, CellState, PlannedCell
+from chae_ablate.versions import Version, new_version
 
 N_EPOCHS = 5
 ALPHA = 0.05
@@ -37,32 +43,36 @@ LABELS = {"baseline": "baseline", "better": "better", "worse": "worse", "same": 
 
 def make_study(losses: dict[str, dict[int, float]], failed: dict[tuple[str, int], str] | None = None,
                missing: list[tuple[str, int]] = (), analysis: dict | None = None,
-               seeds: dict[str, list[int]] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(cells, epochs, plan) as tracking.load_study_runs returns them. Failed cells keep their place
-    in the plan with NaN metrics; missing ones, and seeds listed in `seeds` without a value, are
-    planned but absent."""
+               seeds: dict[str, list[int]] | None = None, name: str = "t",
+               version: str = "h") -> tuple[Plan, list[CellRecord], pd.DataFrame]:
+    """(plan, records, epochs) as tracking.load_study_runs gives them. Failed cells keep their place
+    in the plan with no metrics; missing ones, and seeds listed in `seeds` without a value, are
+    planned but have no record. Cell hashes are f"{version}-{variant}-{seed}"."""
     failed = failed or {}
     logged = [(v, s) for v, by_seed in losses.items() for s in by_seed] + list(failed)
     planned = list(dict.fromkeys(logged + list(missing) + [(v, s) for v, ss in (seeds or {}).items() for s in ss]))
-    plan_cells = [{"variant": v, "seed": s, "cell_hash": f"h-{v}-{s}", "description": f"change {v}"}
-                  for v, s in planned]
-    plan = {"cells": plan_cells, "analysis": analysis or {}, "seeds": seeds or {}}
-    cells, epochs = [], []
+    planned.sort(key=lambda vs: vs[0] != "baseline")  # the baseline first, as in every study
+    by_variant: dict[str, tuple[int, ...]] = {}
+    for v, s in planned:
+        by_variant[v] = (*by_variant.get(v, ()), s)
+    plan = Plan(name, tuple(PlannedCell(f"{version}-{v}-{s}", v, s, f"change {v}") for v, s in planned),
+                {v: tuple((seeds or {}).get(v, ss)) for v, ss in by_variant.items()},
+                parse(AnalysisConfig, analysis or {}, "analysis"),
+                {v: {"model.resolution": 256} for v in by_variant})
+    records, epochs = [], []
     for i, (v, s) in enumerate(logged):
         loss = losses.get(v, {}).get(s, math.nan)
         metrics = {"best_val_loss": loss, "best_epoch": 4, "val_acc_at_best": 0.8 - loss / 10,
                    "test_loss": loss + 0.02, "test_acc": 0.85 - loss / 10, "n_params": 400_000 + 1000 * len(v),
-                   "mflops": 100.0 + len(v), "images_per_s": 500.0, "wall_time_s": 600.0, "resolution": 256}
-        if (v, s) in failed:
-            metrics = dict.fromkeys(metrics, math.nan)
-        cells.append({"run_id": f"r{i}", "variant": v, "seed": s, "cell_hash": f"h-{v}-{s}",
-                      "description": f"change {v}", "status": "FAILED" if (v, s) in failed else "FINISHED",
-                      "failure_reason": failed.get((v, s), ""), **metrics})
+                   "mflops": 100.0 + len(v), "images_per_s": 500.0, "wall_time_s": 600.0}
+        state = CellState.FAILED if (v, s) in failed else CellState.DONE
+        records.append(CellRecord(f"{version}-{v}-{s}", v, s, state, metrics if state == CellState.DONE else {},
+                                  f"mlflow run r{i}", f"r{i}", failed.get((v, s), "")))
         for e in range(1, N_EPOCHS + 1):
             val = loss + 0.05 * (e - 4) ** 2
             epochs.append({"run_id": f"r{i}", "variant": v, "seed": s, "epoch": e, "train_loss": val - 0.05,
                            "train_acc": 0.7, "val_loss": val, "val_acc": 0.8 - val / 10})
-    return pd.DataFrame(cells), pd.DataFrame(epochs), plan
+    return plan, records, pd.DataFrame(epochs, columns=["run_id", "variant", "seed", "epoch", *EPOCH_METRICS])
 
 
 def read_csvs(out) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -78,7 +88,7 @@ def paired(variant: str, losses=KNOWN, seeds=SEEDS) -> tuple[np.ndarray, np.ndar
 def known_report(tmp_path_factory):
     """A fixed-design study with the default analysis (relative margin 5%, alpha 0.05)."""
     out = tmp_path_factory.mktemp("known")
-    md, summary, written = report.build_report("known", *make_study(KNOWN), out)
+    md, summary, written = report.build_report(*make_study(KNOWN, name="known"), out)
     assert summary.columns.tolist() == pd.read_csv(out / "summary.csv").columns.tolist()
     return md, *read_csvs(out), written
 
@@ -117,13 +127,12 @@ def test_intervals_and_p_values_match_scipy_and_statsmodels(known_report):
 
 def test_relative_margin_is_a_fraction_of_the_baseline_mean(known_report):
     md, _, _, _ = known_report
-    cells, _, plan = make_study(KNOWN)
-    expected, analysis, seeds = report.study_spec(plan)
-    outcome = report.outcome_of(report.cell_table(cells, expected, analysis.metric), analysis, seeds)
+    plan, records, _ = make_study(KNOWN)
+    standing = outcome(plan, records)
     margin = 0.05 * abs(np.mean(list(BASE.values())))
-    assert outcome.margin == pytest.approx(margin, rel=1e-12)
+    assert standing.margin == pytest.approx(margin, rel=1e-12)
     assert f"Margin: 5% of the baseline's mean over its first look = {margin:.4f}" in md.read_text()
-    assert outcome.complete and outcome.n_looks == 1
+    assert standing.complete and standing.n_looks == 1
 
 
 def test_summary_metrics_are_the_seed_means(known_report):
@@ -150,7 +159,7 @@ def test_summary_metrics_are_the_seed_means(known_report):
 def test_results_csv_has_every_needed_cell_with_same_seed_differences(known_report):
     _, _, results, _ = known_report
     assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, by_seed in KNOWN.items() for s in by_seed]
-    assert (results["status"] == "FINISHED").all() and results["in_stats"].all()
+    assert (results["status"] == "done").all() and results["in_stats"].all()
     for r in results.itertuples():
         loss = KNOWN[r.variant][r.seed]
         assert r.best_val_loss == loss and r.cell_hash == f"h-{r.variant}-{r.seed}"
@@ -187,7 +196,7 @@ def test_conclusion_ends_with_one_full_stop(known_report):
 
 def test_conclusion_words_pending_variants_as_pending(tmp_path):
     losses = {"baseline": {0: 0.50, 1: 0.52}, "kernel5": {0: 0.49, 1: 0.47}, "heads4": {0: 0.51}}
-    md, _, _ = report.build_report("pending", *make_study(losses, missing=[("heads4", 1)]), tmp_path)
+    md, _, _ = report.build_report(*make_study(losses, missing=[("heads4", 1)]), tmp_path)
     text = conclusion_of(md)
     assert "n=nan" not in text and "undecided" not in text and "pending" in text
 
@@ -195,7 +204,7 @@ def test_conclusion_words_pending_variants_as_pending(tmp_path):
 @pytest.mark.parametrize("drop, verdict", [(["better", "noisy"], "supported"), (["better"], "not yet settled")])
 def test_claim_is_supported_only_when_nothing_is_open(tmp_path, drop, verdict):
     losses = {k: v for k, v in KNOWN.items() if k not in drop}
-    md, summary, _ = report.build_report("sub", *make_study(losses), tmp_path)
+    md, summary, _ = report.build_report(*make_study(losses), tmp_path)
     assert f"In this study the claim is {verdict}: supported by 2 variant(s)" in md.read_text()
     assert summary["level"].dropna().unique() == pytest.approx([1 - ALPHA / (len(losses) - 1)])
 
@@ -227,6 +236,16 @@ def test_report_files_and_figures_are_real(known_report):
             assert hi - lo > 100  # not blank
 
 
+def test_every_report_file_is_written_atomically(tmp_path, monkeypatch):
+    """SLURM tasks rewrite a report at once and `run` reads summary.csv back: every file is written
+    under a temporary name and renamed into place, so a reader never meets half of one."""
+    replaced, real = [], files.os.replace
+    monkeypatch.setattr(files.os, "replace", lambda src, dst: (replaced.append(Path(dst)), real(src, dst)))
+    _, _, written = report.build_report(*make_study(KNOWN), tmp_path)
+    assert sorted(replaced) == sorted(written) and len(written) == 7
+    assert [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
+
+
 def test_forest_plot_colours_its_verdicts(known_report):
     md, _, _, _ = known_report
     with Image.open(md.parent / "figures" / "differences.png") as im:
@@ -250,18 +269,20 @@ def test_format_summary_table(known_report):
     assert report.summary_table_text(known_report[0].parent).splitlines() == lines
 
 
-def test_study_spec_reads_plans_and_legacy_lists():
+def test_plan_json_reads_plans_and_legacy_lists():
     cells = [{"variant": "baseline", "seed": 1, "cell_hash": "a"}, {"variant": "baseline", "seed": 0, "cell_hash": "b"},
              {"variant": "k5", "seed": "0", "cell_hash": "c"}]
-    got_cells, analysis, seeds = report.study_spec(cells)
-    assert (got_cells, analysis, seeds) == (cells, AnalysisConfig(), {"baseline": [1, 0], "k5": [0]})
-    plan = {"cells": cells, "analysis": {"adaptive": True, "margin": 0.1, "relative": False},
-            "seeds": {"baseline": [3, 1, 2], "k5": [3, 1, 2]}}
-    _, analysis, seeds = report.study_spec(plan)
-    assert analysis == AnalysisConfig(adaptive=True, margin=0.1, relative=False)
-    assert seeds == {"baseline": [3, 1, 2], "k5": [3, 1, 2]}  # draw order kept, not sorted
+    legacy = Plan.from_json(cells, "old")
+    assert (legacy.study, legacy.analysis, dict(legacy.seeds)) == ("old", AnalysisConfig(), {"baseline": (1, 0), "k5": (0,)})
+    assert [c.cell_hash for c in legacy.cells] == ["a", "b", "c"]
+    plan = Plan.from_json({"cells": cells, "analysis": {"adaptive": True, "margin": 0.1, "relative": False},
+                           "seeds": {"baseline": [3, 1, 2], "k5": [3, 1, 2]}})
+    assert plan.analysis == AnalysisConfig(adaptive=True, margin=0.1, relative=False)
+    assert dict(plan.seeds) == {"baseline": (3, 1, 2), "k5": (3, 1, 2)}  # draw order kept, not sorted
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.fingerprint == plan.fingerprint
     with pytest.raises(ChaeError, match="analysis.alpha"):
-        report.study_spec({"cells": cells, "analysis": {"alpha": 2.0}})
+        Plan.from_json({"cells": cells, "analysis": {"alpha": 2.0}})
 
 
 ADAPTIVE = {"adaptive": True, "min_seeds": 3, "max_seeds": 6, "margin": 0.05, "relative": False}  # looks 3, 6
@@ -279,12 +300,12 @@ def test_adaptive_study_reports_only_the_needed_cells(tmp_path):
     """The plan lists 6 seeds per variant; `fast` is decided at 3, so its seeds 3-5 are not needed
     and are neither listed as missing nor counted; `slow` and the baseline run all 6."""
     losses = adaptive_losses()
-    cells, epochs, plan = make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses})
-    assert len(plan["cells"]) == 18
-    md, summary, _ = report.build_report("adaptive", cells, epochs, plan, tmp_path)
+    plan, records, epochs = make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses})
+    assert len(plan.cells) == 18
+    md, summary, _ = report.build_report(plan, records, epochs, tmp_path)
     summary, results = read_csvs(tmp_path)
     assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, by_seed in losses.items() for s in by_seed]
-    assert (results["status"] == "FINISHED").all()
+    assert (results["status"] == "done").all()
     level = 1 - ALPHA / (2 * 2)  # m = 2 variants, K = 2 looks
     for variant, seeds, looks, code in [("fast", SEEDS[:3], 1, "better"), ("slow", SEEDS, 2, "equivalent")]:
         x, base = paired(variant, losses, seeds)
@@ -309,13 +330,14 @@ def test_cells_beyond_the_needed_seeds_stay_out_of_the_statistics(tmp_path):
     design, or its margin changed). Its row must describe the seeds its verdict used: 3, not 6."""
     losses = adaptive_losses()
     losses["fast"] = {s: BASE[s] + d for s, d in zip(SEEDS, FAST + [0.3, 0.3, 0.3])}
-    report.build_report("extra", *make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses}), tmp_path)
+    md, _, _ = report.build_report(*make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses}), tmp_path)
     summary, results = read_csvs(tmp_path)
     assert summary.loc["fast", "verdict"] == "better" and summary.loc["fast", "n_pairs"] == 3
     x = np.array([losses["fast"][s] for s in SEEDS[:3]])
     assert summary.loc["fast", "mean"] == pytest.approx(x.mean())
     assert summary.loc["fast", "n"] == 3
-    assert not results[(results["variant"] == "fast") & (results["seed"] >= 3)]["in_stats"].any()
+    assert results[results["variant"] == "fast"]["seed"].tolist() == SEEDS[:3]  # the others are not needed
+    assert "of this plan but not needed by its looks (an earlier design's seeds): 3 cells (3 done)" in md.read_text()
 
 
 def test_an_unfinished_look_leaves_the_study_incomplete(tmp_path):
@@ -323,10 +345,9 @@ def test_an_unfinished_look_leaves_the_study_incomplete(tmp_path):
     its first-look verdict, and fast's decision stands."""
     losses = adaptive_losses(slow_seeds=3)
     losses["baseline"] = {s: BASE[s] for s in SEEDS[:3]}
-    cells, epochs, plan = make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses})
-    md, _, _ = report.build_report("halfway", cells, epochs, plan, tmp_path)
+    md, _, _ = report.build_report(*make_study(losses, analysis=ADAPTIVE, seeds={v: SEEDS for v in losses}), tmp_path)
     summary, results = read_csvs(tmp_path)
-    missing = results[results["status"] == "MISSING"]
+    missing = results[results["status"] == "missing"]
     assert missing[["variant", "seed"]].values.tolist() == [["baseline", s] for s in SEEDS[3:]] + [
         ["slow", s] for s in SEEDS[3:]]
     assert summary.loc["fast", "verdict"] == "better" and summary.loc["fast", "n_needed"] == 3
@@ -342,8 +363,7 @@ def test_an_unfinished_look_leaves_the_study_incomplete(tmp_path):
 def test_failed_and_missing_cells_are_reported(tmp_path):
     losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "kernel5": {0: 0.49, 2: 0.47}, "heads4": {0: 0.51, 2: 0.50}}
     failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN"}
-    cells, epochs, plan = make_study(losses, failed=failed, missing=[("heads4", 1)])
-    md, _, _ = report.build_report("partial", cells, epochs, plan, tmp_path)
+    md, _, _ = report.build_report(*make_study(losses, failed=failed, missing=[("heads4", 1)]), tmp_path)
     text = md.read_text()
     section = text.split("## Cells not in the statistics")[1].split("##")[0]
     assert "`kernel5` seed 1 (cell h-kernel5-1): failed: CUDA out of memory" in section
@@ -351,7 +371,7 @@ def test_failed_and_missing_cells_are_reported(tmp_path):
     assert "`heads4` seed 1 (cell h-heads4-1): missing: needed, but no run was logged for it" in section
     assert "<li><code>kernel5</code> seed 1" in (tmp_path / "report.html").read_text()
     summary, results = read_csvs(tmp_path)
-    assert results.set_index(["variant", "seed"]).loc[("heads4", 1), "status"] == "MISSING"
+    assert results.set_index(["variant", "seed"]).loc[("heads4", 1), "status"] == "missing"
     assert (summary.loc["kernel5", "n"], summary.loc["kernel5", "n_needed"]) == (2, 3)
     # a look is taken once all its cells are settled: heads4's missing cell holds every verdict back
     assert summary.loc[["kernel5", "heads4", "dim96"], "verdict"].tolist() == [
@@ -364,7 +384,7 @@ def test_failed_cells_settle_the_look(tmp_path):
     """Once every needed cell finished or failed the look is taken, on the pairs that exist."""
     losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "kernel5": {0: 0.49, 2: 0.47}, "heads4": {0: 0.51, 2: 0.50}}
     failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN", ("heads4", 1): "diverged"}
-    report.build_report("settled", *make_study(losses, failed=failed), tmp_path)
+    report.build_report(*make_study(losses, failed=failed), tmp_path)
     summary, _ = read_csvs(tmp_path)
     level = 1 - ALPHA / 3
     for variant in ["kernel5", "heads4"]:
@@ -379,7 +399,7 @@ def test_failed_cells_settle_the_look(tmp_path):
 
 def test_one_seed_is_undecided_without_an_interval(tmp_path):
     losses = {"baseline": {0: 0.5}, "heads4": {0: 0.45}, "deep": {0: 0.55}}
-    md, summary, _ = report.build_report("single", *make_study(losses), tmp_path)
+    md, summary, _ = report.build_report(*make_study(losses), tmp_path)
     summary = summary.set_index("variant")
     assert summary.loc[["heads4", "deep"], "verdict"].tolist() == ["undecided"] * 2
     assert summary.loc[["heads4", "deep"], "n_pairs"].tolist() == [1, 1]
@@ -391,8 +411,8 @@ def test_one_seed_is_undecided_without_an_interval(tmp_path):
 def test_no_finished_baseline_gives_no_verdicts(tmp_path):
     """With a relative margin and no baseline value nothing can be decided; nothing crashes."""
     losses = {"kernel5": {0: 0.49, 1: 0.50}, "heads4": {0: 0.51, 1: 0.53}}
-    cells, epochs, plan = make_study(losses, failed={("baseline", 0): "diverged", ("baseline", 1): "diverged"})
-    md, _, _ = report.build_report("nobase", cells, epochs, plan, tmp_path)
+    md, _, _ = report.build_report(*make_study(losses, failed={("baseline", 0): "diverged", ("baseline", 1): "diverged"}),
+                                   tmp_path)
     summary, _ = read_csvs(tmp_path)
     assert summary.index[0] == "baseline" and summary.loc["baseline", "n"] == 0
     assert summary.loc[["kernel5", "heads4"], "verdict"].tolist() == ["undecided"] * 2
@@ -403,10 +423,10 @@ def test_no_finished_baseline_gives_no_verdicts(tmp_path):
 
 
 def test_nothing_ran_yet_lists_every_cell_as_missing(tmp_path):
-    _, _, plan = make_study({"baseline": {0: 0.5, 1: 0.5}, "k5": {0: 0.5, 1: 0.5}})
-    md, summary, _ = report.build_report("fresh", pd.DataFrame(), pd.DataFrame(), plan, tmp_path)
+    plan, _, epochs = make_study({"baseline": {0: 0.5, 1: 0.5}, "k5": {0: 0.5, 1: 0.5}})
+    md, summary, _ = report.build_report(plan, [], epochs.iloc[:0], tmp_path)
     assert summary["n"].tolist() == [0, 0] and summary["verdict"].tolist()[1].startswith("pending")
-    assert (pd.read_csv(tmp_path / "results.csv")["status"] == "MISSING").all()
+    assert (pd.read_csv(tmp_path / "results.csv")["status"] == "missing").all()
     assert "0 of 4 needed cells are in the statistics" in md.read_text()
 
 
@@ -415,7 +435,7 @@ def test_higher_is_better_metric_flips_the_verdicts(tmp_path):
     accuracy: still better, and the differences change sign."""
     analysis = {"metric": "test_acc", "margin": 0.001, "relative": False}
     losses = {k: KNOWN[k] for k in ("baseline", "better", "worse")}
-    report.build_report("acc", *make_study(losses, analysis=analysis), tmp_path)
+    report.build_report(*make_study(losses, analysis=analysis), tmp_path)
     summary, _ = read_csvs(tmp_path)
     assert summary.loc[["better", "worse"], "verdict"].tolist() == ["better", "worse"]
     acc = {v: np.array([0.85 - losses[v][s] / 10 for s in SEEDS]) for v in losses}
@@ -425,42 +445,80 @@ def test_higher_is_better_metric_flips_the_verdicts(tmp_path):
     assert (summary["metric"] == "test_acc").all()
 
 
-def test_logged_cells_without_a_baseline_or_plan_still_report(tmp_path):
-    """A study without plan.json (an older parent run) whose baseline runs are gone."""
-    cells, epochs, _ = make_study({"k5": {0: 0.50, 1: 0.52}, "h4": {0: 0.40, 1: 0.41}})
-    md, summary, _ = report.build_report("nobase", cells, epochs, {}, tmp_path)
-    assert summary["verdict"].tolist()[-2:] == ["undecided", "undecided"]
-
-
 def test_empty_study_is_a_user_error(tmp_path):
+    plan, _, epochs = make_study({})
     with pytest.raises(ChaeError, match="nothing to report"):
-        report.build_report("empty", pd.DataFrame(), pd.DataFrame(), [], tmp_path)
+        report.build_report(plan, [], epochs, tmp_path)
 
 
-def _log_study(name: str, losses: dict[str, dict[int, float]], failed: dict, tmp_path) -> None:
+def test_cells_of_an_earlier_version_are_listed_never_counted(tmp_path):
+    """The edit-and-rerun case: v1 (2 epochs) finished; v2 (6 epochs, other cell hashes) has one cell
+    done when the report is asked for. Only that cell is in the statistics; v1's cells are listed
+    apart, with what changed. Before cell identity, the report paired v2's baseline with v1's variant."""
+    losses = {"baseline": {0: 0.5, 1: 0.52}, "k5": {0: 0.45, 1: 0.46}}
+    old_plan, old_records, _ = make_study(losses, version="v1")
+    old_plan = replace(old_plan, settings={v: {"protocol.epochs": 2, "model.resolution": 256} for v in old_plan.seeds})
+    plan, records, epochs = make_study({"baseline": {0: 1.1}}, missing=[("baseline", 1), ("k5", 0), ("k5", 1)],
+                                       version="v2")
+    plan = replace(plan, settings={v: {"protocol.epochs": 6, "model.resolution": 256} for v in plan.seeds})
+    known = [new_version(old_plan, None, 0), new_version(plan, None, 0)]
+    md, summary, _ = report.build_report(plan, [*records, *old_records], epochs, tmp_path, known)
+    text = md.read_text()
+    assert "1 of 4 needed cells are in the statistics. The study is not complete" in text
+    assert summary.set_index("variant").loc["k5", "n"] == 0 and math.isnan(summary["diff"].iloc[1])
+    section = text.split("## Cells of other versions of this study")[1].split("##")[0]
+    assert f"from an earlier version of this study (first run {known[0].recorded_at}): 4 cells (4 done); " \
+           "changed: protocol.epochs 2 -> 6" in section
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert set(results["cell_hash"].str[:2]) == {"v2"}  # no cell of v1 in the table or the statistics
+
+
+def test_cells_of_an_unrecorded_version_are_listed_by_label(tmp_path):
+    plan, records, epochs = make_study({"baseline": {0: 0.5}, "k5": {0: 0.4}})
+    _, old, _ = make_study({"baseline": {0: 0.9}}, version="old")
+    md, _, _ = report.build_report(plan, [*records, *old], epochs, tmp_path, [])
+    assert ("from a version of this study whose plan was not recorded: 1 cells (1 done) (baseline/seed0)"
+            in md.read_text())
+
+
+def test_analysis_changed_after_results_is_said_beside_the_verdicts(tmp_path):
+    plan, records, epochs = make_study(KNOWN)
+    before = new_version(plan, None, 0)
+    after_plan = replace(plan, analysis=AnalysisConfig(margin=0.2))
+    after = new_version(after_plan, before, results_seen=36)
+    assert after.analysis_changed == ("analysis.margin 0.05 -> 0.2",)
+    md, _, _ = report.build_report(after_plan, records, epochs, tmp_path, [before, after])
+    verdicts = md.read_text().split("## Verdicts against the baseline")[1].split("##")[0]
+    assert verdicts.lstrip().startswith("Warning: analysis.margin 0.05 -> 0.2 changed after 36 of this plan's "
+                                        "results were seen")
+    md, _, _ = report.build_report(plan, records, epochs, tmp_path, [before, after])  # the settings fixed in advance
+    assert "Warning" not in md.read_text()
+
+
+def _log_study(name: str, losses: dict[str, dict[int, float]], failed: dict, tmp_path) -> Plan:
     """Log a study as tracking.StudyLog does: a parent run (role study) holding plan.json, and one
     nested run per cell (role cell, mlflow.parentRunId) with per-epoch metrics as steps."""
-    from mlflow.entities import Metric, Param
+    from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    cells, epochs, plan = make_study(losses, failed=failed)
+    plan, records, epochs = make_study(losses, failed=failed, name=name)
     client = MlflowClient()
     exp = client.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
     parent = client.create_run(exp, run_name=name, tags={tracking.ROLE: "study"}).info.run_id
-    client.log_dict(parent, plan, "plan.json")
-    for c in cells.to_dict("records"):
-        tags = {"mlflow.parentRunId": parent, tracking.ROLE: "cell",
-                **{k: str(c[k]) for k in ["variant", "seed", "cell_hash", "description"]}}
-        if c["failure_reason"]:
-            tags["failure_reason"] = c["failure_reason"]
-        run = client.create_run(exp, run_name=f"{c['variant']}/seed{c['seed']}", tags=tags).info.run_id
-        metrics = [Metric(k, e[k], 0, e["epoch"]) for e in epochs[epochs["run_id"] == c["run_id"]].to_dict("records")
-                   for k in ["train_loss", "train_acc", "val_loss", "val_acc"]]
-        if c["status"] == "FINISHED":
-            metrics += [Metric(k, c[k], 0, 0) for k in report.METRICS if k != "resolution"]
-        client.log_batch(run, metrics=metrics, params=[Param("model.resolution", "256")])
-        client.set_terminated(run, c["status"])
+    client.log_dict(parent, plan.to_json(), "plan.json")
+    for r in records:
+        tags = {"mlflow.parentRunId": parent, tracking.ROLE: "cell", "variant": r.variant, "seed": str(r.seed),
+                "cell_hash": r.cell_hash, "description": f"change {r.variant}"}
+        if r.failure_reason:
+            tags["failure_reason"] = r.failure_reason
+        run = client.create_run(exp, run_name=r.label, tags=tags).info.run_id
+        metrics = [Metric(k, e[k], 0, e["epoch"]) for e in epochs[epochs["run_id"] == r.run_id].to_dict("records")
+                   for k in EPOCH_METRICS]
+        metrics += [Metric(k, v, 0, 0) for k, v in r.metrics.items()]
+        client.log_batch(run, metrics=metrics)
+        client.set_terminated(run, "FINISHED" if r.state == CellState.DONE else "FAILED")
     client.set_terminated(parent, "FINISHED")
+    return plan
 
 
 def test_write_report_from_mlflow(tmp_path, monkeypatch):
@@ -471,9 +529,12 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
     losses = {"baseline": {0: 0.50, 1: 0.52, 2: 0.51}, "heads4": {0: 0.60, 1: 0.63, 2: 0.61},
               "kernel5": {0: 0.505, 2: 0.512}, "dim96": {1: 0.40}}
     failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN", ("dim96", 2): "diverged"}
-    _log_study("e2e", losses, failed, tmp_path)
-    cells, epochs, plan = tracking.load_study_runs("e2e")
-    assert len(cells) == 12 and len(epochs) == 12 * N_EPOCHS and len(plan["cells"]) == 12
+    plan = _log_study("e2e", losses, failed, tmp_path)
+    runs = tracking.load_study_runs("e2e")
+    assert len(runs.records) == 12 and len(runs.epochs) == 12 * N_EPOCHS and runs.plan == plan
+    assert {r.state for r in runs.records} == {CellState.DONE, CellState.FAILED} and runs.versions == []
+    done = next(r for r in runs.records if r.cell_hash == "h-heads4-1")
+    assert done.metrics["best_val_loss"] == 0.63 and done.source == f"mlflow run {done.run_id}"
     md = report.write_report("e2e")
     assert md.resolve() == (tmp_path / "reports" / "e2e" / "report.md").resolve()
     summary, _ = read_csvs(md.parent)
@@ -502,4 +563,5 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
 
     assert {"plan.json", "report/report.md", "report/report.html", "report/summary.csv", "report/results.csv",
             "report/figures/differences.png", "report/figures/val_loss_curves.png",
-            "report/figures/params_vs_metric.png"} == set(walk())
+            "report/figures/params_vs_metric.png", f"versions/{plan.fingerprint}.json"} == set(walk())
+    assert [v.fingerprint for v in tracking.load_study_runs("e2e").versions] == [plan.fingerprint]  # recorded once

@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 from chae_ablate.data import load_dataset
-from chae_ablate.ledger import Ledger
 from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study, study_from_dict
 from chae_ablate.train import train_cell
@@ -36,14 +35,16 @@ def cell_runs(study_name: str):
 
 
 def complete_trials(study, runs_dir: Path) -> list:
-    ledger = Ledger(study.name, RunOptions(runs_dir=runs_dir).storage_url)
-    return [t for t in ledger.trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    """The finished trials of the study's Optuna ledger, read with Optuna itself."""
+    storage = RunOptions(runs_dir=runs_dir).storage_url
+    return optuna.load_study(study_name=study.name, storage=storage).get_trials(
+        states=(optuna.trial.TrialState.COMPLETE,))
 
 
 def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
     study = load_study(TINY)
     summary = run_study(study, RunOptions(progress=False), report=False)
-    assert [c.state for c in summary.cells] == ["COMPLETE"] * 4
+    assert [c.state for c in summary.cells] == ["done"] * 4
     client, parents, cells = cell_runs("synthetic-tiny")
     assert len(parents) == 1 and len(cells) == 4
     assert {(r.data.tags["variant"], r.data.tags["seed"]) for r in cells} == {
@@ -63,7 +64,7 @@ def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"config.json", "learning_curve.png"} <= artifacts and any(a.endswith(".csv") for a in artifacts)
     trials = complete_trials(study, Path("runs"))
-    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.hash for c in study.cells())
+    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.cell_hash for c in study.cells())
     assert all(len(t.intermediate_values) == 2 for t in trials)
     assert Path("mlflow.db").exists() and not Path("mlruns").exists()
 
@@ -120,8 +121,8 @@ def test_non_finite_loss_fails_the_cell_and_the_study_goes_on(workdir):
            "variants": {"small_lr": {"set": {"protocol.lr": 0.001}}}}
     summary = run_study(study_from_dict(raw, {}), RunOptions(progress=False), report=False)
     states = {c.variant: c for c in summary.cells}
-    assert states["baseline"].state == "FAIL" and "non-finite" in states["baseline"].failure_reason
-    assert states["small_lr"].state == "COMPLETE"
+    assert states["baseline"].state == "failed" and "non-finite" in states["baseline"].failure_reason
+    assert states["small_lr"].state == "done"
     _, _, cells = cell_runs("nan")
     failed = [r for r in cells if r.info.status == "FAILED"]
     assert len(failed) == 1 and "non-finite" in failed[0].data.tags["failure_reason"]
@@ -174,7 +175,7 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
         if t.state == optuna.trial.TrialState.RUNNING]
 
     out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed).communicate(timeout=600)
-    assert "COMPLETE" in out, out
+    assert "done" in out, out
     ref_out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_out
 
@@ -218,4 +219,4 @@ def test_two_workers_on_one_storage_run_every_cell_once(workdir, monkeypatch):
         for key in ("best_val_loss", "best_epoch", "test_loss", "test_acc"):
             assert together[run.data.tags["cell_hash"]][key] == pytest.approx(run.data.metrics[key], rel=1e-5), key
     trials = complete_trials(study, Path("runs"))
-    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.hash for c in study.cells())
+    assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.cell_hash for c in study.cells())

@@ -3,6 +3,7 @@ exactly through kill -9, prunes hopeless trials against the baseline, counts rej
 and ends with a confirmation on fresh seeds."""
 from __future__ import annotations
 
+import copy
 import os
 import signal
 import subprocess
@@ -18,7 +19,9 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 from chae_ablate.errors import ConfigError
+from chae_ablate.search import trials_name
 from chae_ablate.study import load_study, seed_sequence, study_from_dict
+from chae_ablate.studyfile import read_study_file
 
 from conftest import STUDIES
 
@@ -78,7 +81,7 @@ search:
   seeds: [0]
   space:
     protocol.lr: [1.0e-7, 1.0e-3, 3.0e-3]        # 1e-7 is hopeless: pruned after its first epoch
-    model.transformer.heads: [3, 4, 2]            # 3 does not divide dim 128: rejected (the baseline has 8)
+    model.transformer.heads: [3, 5, 4]            # 3 and 5 do not divide dim 128: rejected (the baseline has 8)
 """
 
 
@@ -93,12 +96,13 @@ def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
 def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tmp_path):
     drops = ", ".join(f"{v.name}: null" for v in load_study(STUDIES / "quickstart.yaml").variants[1:])
     (tmp_path / "s.yaml").write_text(SEARCH.format(quickstart=STUDIES / "quickstart.yaml", drops=drops))
+    study = load_study(tmp_path / "s.yaml")
     victim = cli("search", "s.yaml", "--no-progress", cwd=tmp_path, start_new_session=True)
     storage = f"sqlite:///{tmp_path}/runs/optuna.db"
     deadline = time.time() + 600
     while time.time() < deadline and victim.poll() is None:
         try:
-            trials = optuna.load_study(study_name="tinysearch-search-trials", storage=storage).get_trials()
+            trials = optuna.load_study(study_name=trials_name(study, 6), storage=storage).get_trials()
         except Exception:  # not created yet
             trials = []
         if sum(t.state.is_finished() and t.user_attrs.get("outcome") == "trained" for t in trials) >= 2 and any(
@@ -112,15 +116,16 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
     out, _ = cli("search", "s.yaml", "--no-progress", "--grace", "3", cwd=tmp_path).communicate(timeout=900)
     assert "search report: reports/tinysearch-search/report.md" in out, out
     trials = pd.read_csv(tmp_path / "reports" / "tinysearch-search" / "trials.csv")
-    budget = trials[trials["state"].isin(["COMPLETE", "PRUNED"])]
+    budget = trials[trials["state"].isin(["done", "pruned"])]
     assert len(budget) == 6  # exactly the budget, though a trial was killed mid-way
-    killed = trials[(trials["state"] == "FAIL") & trials["reason"].isna()]
+    killed = trials[(trials["state"] == "failed") & trials["reason"].isna()]
     assert len(killed) == 1 and killed["trial"].iloc[0] in set(trials["retry_of"].dropna().astype(int))
-    hopeless = trials[trials["protocol.lr"] == 1e-7]
-    assert len(hopeless) and (hopeless["state"] == "PRUNED").all()
+    hopeless = budget[budget["protocol.lr"] == 1e-7]  # trained trials (the killed and the rejected trained nothing)
+    assert len(hopeless) and (hopeless["state"] == "pruned").all()
     assert (hopeless["pruned_at_epoch"] < 3).all()  # before their last epoch
-    rejected = trials[trials["state"] == "REJECTED"]
-    assert (rejected["model.transformer.heads"] == 3).all()
+    rejected = trials[trials["state"] == "rejected"]
+    assert len(rejected) >= 1  # two thirds of the space: six trials without one would be a 1-in-700 draw
+    assert rejected["model.transformer.heads"].isin([3, 5]).all()
     assert rejected["reason"].str.contains("does not divide dim").all()
 
     client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
@@ -143,3 +148,69 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
 def test_search_without_a_search_section_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["search", str(STUDIES / "synthetic-tiny.yaml")])
     assert result.exit_code == 1 and "has no search: section" in result.output
+
+
+def test_a_search_is_keyed_by_everything_that_shapes_its_trials():
+    """Space, seeds, epochs (the baseline), sampler, pruner and budget name the trials study; how
+    many configurations are confirmed does not."""
+    raw = read_study_file(STUDIES / "search-quickstart.yaml")
+
+    def name(search: dict | None = None, overrides: dict | None = None, budget: int = 12) -> str:
+        changed = copy.deepcopy(raw)
+        changed["search"].update(search or {})
+        return trials_name(study_from_dict(changed, overrides or {}), budget)
+
+    assert name().startswith("search-quickstart-search-trials-") and name() == name()
+    assert name({"top_k": 1}) == name() and name({"confirm_seed": 2000}) == name()
+    others = [name(budget=13), name(overrides={"protocol.epochs": 2}), name({"seeds": [0, 1]}),
+              name({"sampler": "random"}), name({"pruner": "none"}), name({"space": {"protocol.lr": [0.001, 0.01]}})]
+    assert len({name(), *others}) == 7
+
+
+MICRO_SEARCH = """
+base: {tiny}
+name: micro
+variants: {{depth2: null}}
+protocol: {{epochs: 1, seeds: [0]}}
+analysis: {{min_seeds: 2, max_seeds: 2, margin: 0.5, relative: false}}
+search:
+  trials: 2
+  top_k: 1
+  seeds: [0]
+  pruner: none
+  space:
+    protocol.lr: {lrs}
+"""
+
+
+@pytest.mark.slow
+def test_a_changed_search_starts_new_trials_and_the_old_stay_readable(workdir, capsys):
+    """Before, trials were keyed by the study's name only: a rerun with another space counted the old
+    trials against the new budget and ranked them in its top-k."""
+    from chae_ablate.runner import RunOptions
+    from chae_ablate.search import run_search
+
+    path = workdir / "micro.yaml"
+    options = RunOptions(progress=False)
+    path.write_text(MICRO_SEARCH.format(tiny=STUDIES / "synthetic-tiny.yaml", lrs="[1.0e-3, 3.0e-3]"))
+    first = load_study(path)
+    run_search(first, options)
+    old_name = trials_name(first, 2)
+    path.write_text(MICRO_SEARCH.format(tiny=STUDIES / "synthetic-tiny.yaml", lrs="[1.0e-2, 3.0e-2]"))
+    second = load_study(path)
+    summary = run_search(second, options)
+    err = capsys.readouterr().err
+    assert f"search of micro changed (space): its trials start afresh in {trials_name(second, 2)}" in err
+    assert old_name in err
+    assert {t["params"]["protocol.lr"] for t in summary.trials} <= {1e-2, 3e-2}  # none of the first search's
+    assert len([t for t in summary.trials if t["state"] == "done"]) == 2
+    storage = options.storage_url
+    old = optuna.load_study(study_name=old_name, storage=storage).get_trials()
+    assert {t.params["protocol.lr"] for t in old} <= {1e-3, 3e-3} and len(old) >= 2  # still readable
+    confirm = pd.read_csv(workdir / "reports" / "micro-confirm" / "summary.csv")
+    assert confirm["description"].iloc[1].split("protocol.lr=")[1] in ("0.01", "0.03")  # its top-1 is the new search's
+
+    run_search(second, RunOptions(progress=False, fresh=True))  # forgets this search, not the earlier one
+    names = set(optuna.get_all_study_names(storage))
+    assert old_name in names and trials_name(second, 2) in names
+    assert len(optuna.load_study(study_name=trials_name(second, 2), storage=storage).get_trials()) == 2  # anew

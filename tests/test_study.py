@@ -56,7 +56,7 @@ def write(folder, name, text):
 def test_shipped_studies_validate(path):
     study = load_study(path)
     assert study.variants[0].name == "baseline"
-    assert len({c.hash for c in study.cells()}) == len(study.cells())
+    assert len({c.cell_hash for c in study.cells()}) == len(study.cells())
 
 
 def test_paper11_has_the_papers_protocol_and_11_variants():
@@ -73,11 +73,11 @@ def test_derived_studies_inherit_paper11s_variants_and_keep_their_cells():
     quickstart = load_study(STUDIES / "quickstart.yaml")
     assert [v.name for v in quickstart.variants] == [n for n in paper11 if n != "res384"] + ["res48"]
     assert quickstart.name == "quickstart" and quickstart.baseline.config.data.root is None
-    assert {c.label: c.hash for c in quickstart.cells()} == QUICKSTART_HASHES
+    assert {c.label: c.cell_hash for c in quickstart.cells()} == QUICKSTART_HASHES
     full = [v.name for v in load_study(STUDIES / "paper11-full.yaml").variants]
     assert full[:len(paper11)] == paper11 and len(full) == 25
     for name, (n, digest) in OLD_HASH_SETS.items():
-        hashes = sorted(c.hash for c in load_study(STUDIES / f"{name}.yaml").cells())
+        hashes = sorted(c.cell_hash for c in load_study(STUDIES / f"{name}.yaml").cells())
         assert (len(hashes), hashlib.sha256(" ".join(hashes).encode()).hexdigest()[:16]) == (n, digest), name
 
 
@@ -259,7 +259,7 @@ def test_cells_expand_variants_by_seeds_with_stable_hashes():
     assert [(c.variant.name, c.seed) for c in cells] == [
         ("baseline", 0), ("baseline", 1), ("baseline", 2), ("d1", 0), ("d1", 1), ("d1", 2)]
     again = make({"d1": {"set": {"model.transformer.depth": 1}}}, protocol={"seeds": [2]})
-    assert again.cells()[0].hash == cells[2].hash  # a cell's identity ignores the other seeds
+    assert again.cells()[0].cell_hash == cells[2].cell_hash  # a cell's identity ignores the other seeds
     assert cell_hash(cells[0].config, 0) != cell_hash(cells[0].config, 1)
 
 

@@ -1,0 +1,48 @@
+"""What a command may set, with its default, defined once: how a study runs (storage, workers,
+device, heartbeats) and how a SLURM job array is shaped. Light on purpose: the CLI builds its
+options from these defaults without importing torch, Optuna or MLflow."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    storage: str | None = None  # Optuna storage URL or journal:PATH; default sqlite under runs_dir
+    workers: int = 1  # cells trained at once on this machine
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    runs_dir: Path = Path("runs")  # caches, checkpoints, the default ledger, MLflow artifacts
+    fresh: bool = False  # forget earlier results of this study and start over
+    progress: bool = True  # progress bars (one line per finished cell when not a terminal)
+    compile: bool = False  # torch.compile the model
+    threads: int | None = None  # torch CPU threads per worker (default: cores / workers)
+    heartbeat_s: int = 5  # how often a worker holding a cell proves itself alive
+    grace_s: int = 15  # silence after which a held cell is failed and re-queued
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars only on a terminal: a log file gets one line per finished cell instead."""
+        return self.progress and sys.stderr.isatty()
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.runs_dir / 'optuna.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """One job array, in sbatch's vocabulary."""
+
+    array: int = 2  # tasks (workers) in the array
+    partition: str | None = None
+    gpus_per_task: int = 1
+    cpus_per_task: int = 8  # also the worker's torch threads
+    time: str = "4:00:00"  # per task: MINUTES, HH:MM:SS or D-HH:MM:SS
+    account: str | None = None
+    mem_gb: int | None = None
+    setup: tuple[str, ...] = ()  # shell lines before the task starts, e.g. "module load cuda"
+
+
+RUN_DEFAULTS, SLURM_DEFAULTS = RunOptions(), SlurmOptions()
