@@ -64,12 +64,13 @@ class Plan:
         data = {"cells": data} if isinstance(data, list) else data
         cells = tuple(PlannedCell(str(c["cell_hash"]), str(c["variant"]), int(c["seed"]), str(c.get("description", "")))
                       for c in data.get("cells", []))
-        seeds: dict[str, tuple[int, ...]] = {v: tuple(int(s) for s in ss) for v, ss in (data.get("seeds") or {}).items()}
+        listed = data.get("seeds") or {}
+        seeds: dict[str, tuple[int, ...]] = {v: tuple(int(s) for s in ss) for v, ss in listed.items()}
         if not seeds:
             for c in cells:
                 seeds[c.variant] = (*seeds.get(c.variant, ()), c.seed)
-        return cls(data.get("study", study), cells, seeds, parse(AnalysisConfig, data.get("analysis") or {}, "analysis"),
-                   data.get("settings") or {}, data.get("source", ""))
+        analysis = parse(AnalysisConfig, data.get("analysis") or {}, "analysis")
+        return cls(data.get("study", study), cells, seeds, analysis, data.get("settings") or {}, data.get("source", ""))
 
 
 def planned_looks(analysis: AnalysisConfig, fixed_seeds: int) -> list[int]:

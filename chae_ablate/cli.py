@@ -11,7 +11,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from .config import short
 from .errors import ChaeError
 from .metrics import RANKING, Metric
 from .options import RUN_DEFAULTS, SLURM_DEFAULTS, RunOptions, SlurmOptions
@@ -48,6 +47,7 @@ AdaptiveOpt = Annotated[bool, typer.Option("--adaptive", help="Add seeds only wh
 
 
 def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | None, adaptive: bool = False):
+    from .config import short
     from .study import load_study, parse_assignments
     overrides = parse_assignments(set_ or [])
     if adaptive:
@@ -84,7 +84,8 @@ ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cel
 @clean_errors
 def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
         adaptive: AdaptiveOpt = False, storage: StorageOpt = None,
-        workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")] = RUN_DEFAULTS.workers,
+        workers: Annotated[int, typer.Option(min=1, help="Cells trained at once on this machine")
+                           ] = RUN_DEFAULTS.workers,
         device: DeviceOpt = RUN_DEFAULTS.device, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir,
         fresh: FreshOpt = RUN_DEFAULTS.fresh, compile: CompileOpt = RUN_DEFAULTS.compile,
         report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
@@ -113,7 +114,8 @@ def _cells_text(cells, worker: bool = False) -> str:
     def num(v, spec):
         return "" if v is None or v != v else format(v, spec)
     rows = [("variant", "seed", "state", RANKING, Metric.TEST_ACC) + (("worker",) if worker else ())]
-    rows += [(c.variant, str(c.seed), c.state, num(c.metrics.get(RANKING), ".4f"), num(c.metrics.get(Metric.TEST_ACC), ".3f"))
+    rows += [(c.variant, str(c.seed), c.state, num(c.metrics.get(RANKING), ".4f"),
+              num(c.metrics.get(Metric.TEST_ACC), ".3f"))
              + ((c.worker if c.state == CellState.RUNNING else "",) if worker else ()) for c in cells]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
@@ -146,7 +148,8 @@ def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epo
 @clean_errors
 def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1, help="Override search.trials")] = None,
            set_: SetOpt = None, epochs: EpochsOpt = None, storage: StorageOpt = None,
-           workers: Annotated[int, typer.Option(min=1, help="Trials trained at once on this machine")] = RUN_DEFAULTS.workers,
+           workers: Annotated[int, typer.Option(min=1, help="Trials trained at once on this machine")
+                              ] = RUN_DEFAULTS.workers,
            device: DeviceOpt = RUN_DEFAULTS.device, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir,
            fresh: Annotated[bool, typer.Option(help="Forget this search's trials, baseline and confirmation "
                                                     "and start over")] = RUN_DEFAULTS.fresh,

@@ -80,8 +80,10 @@ def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame)
     of two seeds would cover the plot); baseline in black."""
     fig = Figure(figsize=(9, 5.5), layout="constrained")
     ax = fig.subplots()
-    runs = set(table.loc[table["in_stats"], "run_id"])
-    ep = epochs[epochs["run_id"].isin(runs)] if not epochs.empty else epochs
+    counted = table[table["in_stats"]]
+    variant_of = dict(zip(counted["run_id"], counted["variant"]))  # the plan's names, not the runs' tags
+    ep = epochs[epochs["run_id"].isin(variant_of)] if not epochs.empty else epochs
+    ep = ep.assign(variant=ep["run_id"].map(variant_of))
     palette = iter(sns.color_palette("husl", max(1, len(summary))))
     for r in summary.itertuples():
         is_base = r.variant == BASELINE

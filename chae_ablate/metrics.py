@@ -70,4 +70,5 @@ def _named(cls: type, leave: tuple[str, ...] = ()) -> tuple[str, ...]:
 EPOCH_METRICS = _named(EpochMetrics)
 SUMMARY_METRICS = _named(CellResult, leave=("history", "resumed_from"))
 RANKING = Metric.BEST_VAL_LOSS  # a cell's value in the ledger, a search trial's objective, the default decision metric
-LOWER_IS_BETTER = {Metric.BEST_VAL_LOSS: True, Metric.TEST_LOSS: True, Metric.TEST_ACC: False}  # what a study may decide on
+# what a study may decide on, and whether lower is better
+LOWER_IS_BETTER = {Metric.BEST_VAL_LOSS: True, Metric.TEST_LOSS: True, Metric.TEST_ACC: False}

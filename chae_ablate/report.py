@@ -364,16 +364,20 @@ def build_report(plan: Plan, records: list[CellRecord], epochs: pd.DataFrame, ou
 
 
 def write_report(study_name: str, out_dir: Path | None = None, plan: Plan | None = None) -> Path:
-    """Load the study's runs from MLflow, write the report of `plan` (default: the plan of the
-    study's latest run) into out_dir (default reports/<study>/), log it and the verdicts to the
-    study's parent run, and return report.md's path. A plan not run before is recorded as a version
-    first, so a margin changed after results were seen is said so."""
+    """Load the study's runs from MLflow, write the report of `plan` (a study file's; default: the
+    plan of the study's latest run) into out_dir (default reports/<study>/), log it and the verdicts
+    to the study's parent run, and return report.md's path. A study file's plan not run before is
+    recorded as a version first (so a margin changed after results were seen is said so); another
+    study file under this name is refused."""
     runs = tracking.load_study_runs(study_name)
+    known = runs.versions
+    if plan is not None:
+        versions.refuse_other_file(plan, known, f"the MLflow store {tracking.tracking_uri()}")
     plan = plan or runs.plan
     if plan is None:
-        raise ChaeError(f"study '{study_name}' has no recorded plan in MLflow; run it first with `chae-ablate run`")
-    known = runs.versions
-    if plan.fingerprint not in {v.fingerprint for v in known}:
+        raise ChaeError(f"study '{study_name}' has no recorded plan in MLflow (it was run by an older chae-ablate); "
+                        f"report it from its study file: chae-ablate report STUDY.yaml")
+    if plan is not runs.plan and plan.fingerprint not in {v.fingerprint for v in known}:
         planned = {c.cell_hash for c in plan.cells}
         seen = sum(r.state == CellState.DONE and r.cell_hash in planned for r in runs.records)
         version = versions.new_version(plan, versions.latest(known, plan), seen)

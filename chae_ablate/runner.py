@@ -225,11 +225,21 @@ def admit(study: Study, options: RunOptions) -> tuple[list[Version], list[Versio
     check_runs_dir(options)
     tracking.check_tracking_server()
     plan = study.plan()
-    in_ledger = [Version.from_json(v) for v in recorded_versions(study.name, options.storage_url)]
-    in_mlflow = tracking.recorded_versions(study.name)
-    versions.refuse_other_file(plan, in_ledger, f"the ledger {masked(options.storage_url)}")
-    versions.refuse_other_file(plan, in_mlflow, f"the MLflow store {tracking.tracking_uri()}")
-    return in_ledger, in_mlflow
+    known = recorded(study.name, options)
+    for store, where in zip(known, stores(options)):
+        versions.refuse_other_file(plan, store, where)
+    return known
+
+
+def recorded(study_name: str, options: RunOptions) -> tuple[list[Version], list[Version]]:
+    """The versions of a study its ledger and its MLflow record keep (creating nothing)."""
+    return ([Version.from_json(v) for v in recorded_versions(study_name, options.storage_url)],
+            tracking.recorded_versions(study_name))
+
+
+def stores(options: RunOptions) -> tuple[str, str]:
+    """The ledger and the MLflow store, as messages name them."""
+    return f"the ledger {masked(options.storage_url)}", f"the MLflow store {tracking.tracking_uri()}"
 
 
 def _join(study: Study, options: RunOptions, known: tuple[list[Version], list[Version]],
@@ -310,13 +320,13 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
         else:
             _run_children(study, options, session.ledger)
     except BaseException:
-        session.log.finish("FAILED")  # never leave the study's parent run RUNNING
+        session.log.finish(ok=False)  # never leave the study's parent run RUNNING
         raise
     session.log.finish()
     standing = outcome(study.plan(), session.ledger.records())
     summary = RunSummary(study.name, list(standing.records.values()), link=tracking.experiment_link(study.name))
     if report:
-        summary.report = write_report(study.name)
+        summary.report = write_report(study.name, plan=study.plan())
         summary.verdicts = summary_table_text(summary.report.parent)
     return summary
 

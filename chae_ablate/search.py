@@ -22,15 +22,17 @@ from pathlib import Path
 
 import torch
 
+from . import versions
 from .analysis import absolute_margin, outcome
 from .config import to_dict
 from .errors import ChaeError, ConfigError
-from .ledger import OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, delete_study, search_settings, study_names
+from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, delete_study, search_settings,
+                     study_names)
 from .metrics import RANKING
 from .options import RunOptions
 from .records import CellState
 from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
-                     child_device, forget, notify, open_session, run_study, set_threads)
+                     child_device, forget, notify, open_session, recorded, run_study, set_threads, stores)
 from .search_report import write_search_report
 from .space import Knob
 from .study import Study, Variant, cell_hash, config_key
@@ -54,10 +56,10 @@ def search_name(study: Study) -> str:
 def search_settings_of(study: Study, budget: int) -> dict:
     """Everything that shapes a search's trials: its space, seeds, sampler, pruner and budget, and
     the baseline they train from (epochs included). A search with other settings is another search."""
-    s = study.search
+    s, analysis = study.search, to_dict(study.analysis)
     return {"space": [asdict(k) for k in study.space], "seeds": list(s.seeds), "sampler": s.sampler,
             "pruner": s.pruner, "trials": budget, "baseline": config_key(study.baseline.config),
-            "margin": to_dict(study.analysis)["margin"]}
+            **{k: analysis[k] for k in ("margin", "relative", "vary_split")}}  # the pruner's margin; each trial's split
 
 
 def trials_name(study: Study, budget: int) -> str:
@@ -84,7 +86,9 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     budget = trials or study.search.trials
     device = pick_device(options.device)
     base = baseline_study(study)
-    admit(base, options)  # another study file under this name is refused before anything is forgotten
+    admit(base, options)  # another study file under this name is refused before anything is written or forgotten
+    for store, where in zip(recorded(confirmation_name(study), options), stores(options)):
+        versions.refuse_other_source(confirmation_name(study), study.source_path, store, where)
     if options.fresh:  # forget this search: its trials, its baseline cells, its confirmation
         delete_study(trials_name(study, budget), options.storage_url)
         for name in (base.name, confirmation_name(study)):
@@ -115,12 +119,13 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
 def say_if_changed(study: Study, options: RunOptions, budget: int) -> None:
     """When this search is new but an earlier one of the study is in the ledger, say what changed
     (the earlier trials stay readable there, e.g. in optuna-dashboard)."""
-    current = trials_name(study, budget)
-    prefix = current.rsplit("-", 1)[0] + "-"
-    earlier = sorted(n for n in study_names(options.storage_url) if n.startswith(prefix) and n != current)
-    if current in study_names(options.storage_url) or not earlier:
+    current, names = trials_name(study, budget), study_names(options.storage_url)
+    earlier = [n for n in names if n.startswith(f"{search_name(study)}-trials") and n != current]
+    if current in names or not earlier:
         return
-    before, now = search_settings(earlier[-1], options.storage_url), search_settings_of(study, budget)
+    settings = {n: search_settings(n, options.storage_url) for n in earlier}
+    earlier.sort(key=lambda n: settings[n].get(DESCRIBED_AT, ""))  # the newest last (one from before keys: first)
+    before, now = settings[earlier[-1]], search_settings_of(study, budget)
     changed = [key for key in now if json.dumps(before.get(key), sort_keys=True, default=str)
                != json.dumps(now[key], sort_keys=True, default=str)]
     notify(f"search of {study.name} changed ({', '.join(changed) or 'settings'}): its trials start afresh in "

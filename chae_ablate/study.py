@@ -96,8 +96,12 @@ class Study:
         return Plan(self.name, tuple(PlannedCell(c.cell_hash, c.variant.name, c.seed, c.variant.description)
                                      for c in self.cells()),
                     {v.name: tuple(self.seeds(v)) for v in self.variants}, self.analysis,
-                    {v.name: dotted(to_dict(v.config)) for v in self.variants},
-                    str(self.source.resolve()) if self.source else "")
+                    {v.name: dotted(to_dict(v.config)) for v in self.variants}, self.source_path)
+
+    @property
+    def source_path(self) -> str:
+        """The study file, resolved, as versions record it ("" for a study built in code)."""
+        return str(self.source.resolve()) if self.source else ""
 
 
 def seed_sequence(first: Sequence[int], length: int) -> list[int]:

@@ -196,12 +196,12 @@ class StudyLog:
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return CellRun(self.client, run.info.run_id, set())
 
-    def finish(self, status: str = "FINISHED") -> None:
-        """End the parent run (best effort when FAILED: the server may be what was lost)."""
+    def finish(self, ok: bool = True) -> None:
+        """End the parent run, FINISHED or FAILED (best effort when failed: the server may be what was lost)."""
         try:
-            self.client.set_terminated(self.parent_id, status)
+            self.client.set_terminated(self.parent_id, "FINISHED" if ok else "FAILED")
         except Exception:
-            if status == "FINISHED":
+            if ok:
                 raise
 
 

@@ -30,6 +30,7 @@ class Version:
     recorded_at: str  # ISO time, UTC, of its first run
     results_seen: int = 0  # cells of its plan already finished when it was first recorded
     analysis_changed: tuple[str, ...] = ()  # decision settings changed after those results: "analysis.margin 0.05 -> 0.1"
+    decision: dict[str, Any] = field(default_factory=dict, compare=False)  # its DECISION_SETTINGS, kept by every store
     plan: Plan | None = field(default=None, compare=False)  # the whole plan (MLflow keeps it; the ledger does not)
 
     def to_json(self, with_plan: bool = True) -> dict:
@@ -42,7 +43,8 @@ class Version:
     def from_json(cls, data: dict) -> Version:
         plan = Plan.from_json(data["plan"]) if data.get("plan") else None
         return cls(data["fingerprint"], data.get("source", ""), data.get("recorded_at", ""),
-                   int(data.get("results_seen", 0)), tuple(data.get("analysis_changed", ())), plan)
+                   int(data.get("results_seen", 0)), tuple(data.get("analysis_changed", ())),
+                   data.get("decision") or (_decision(plan) if plan else {}), plan)
 
 
 def merged(*stores: Iterable[Version]) -> list[Version]:
@@ -60,14 +62,18 @@ def refuse_other_file(plan: Plan, versions: list[Version], where: str) -> None:
     """A study name already used in `where` by another study file (with other contents) is refused:
     the two would share one ledger, one MLflow experiment and one report, and mix their results.
     The same contents from another path (a moved file, another machine's checkout) are the same study."""
-    if not plan.source or any(v.fingerprint == plan.fingerprint for v in versions):
-        return
+    if not any(v.fingerprint == plan.fingerprint for v in versions):
+        refuse_other_source(plan.study, plan.source, versions, where)
+
+
+def refuse_other_source(name: str, source: str, versions: list[Version], where: str) -> None:
+    """The name `name` recorded in `where` by other study files only (a study built in code, source
+    "", is never refused nor refuses)."""
     sources = {v.source for v in versions}
-    if sources and plan.source not in sources and "" not in sources:
-        other = shown(sorted(sources)[-1])
-        raise ChaeError(f"study name '{plan.study}' is already used in {where} by {other}, and "
-                        f"{shown(plan.source)} is a different study; give one of them its own `name:` "
-                        f"(e.g. name: {plan.study}-2), or run it with another --runs-dir and MLflow store")
+    if source and sources and source not in sources and "" not in sources:
+        raise ChaeError(f"study name '{name}' is already used in {where} by {shown(sorted(sources)[-1])}, and "
+                        f"{shown(source)} is a different study; give one of them its own `name:` "
+                        f"(e.g. name: {name}-2), or run it with another --runs-dir and MLflow store")
 
 
 def latest(versions: list[Version], plan: Plan) -> Version | None:
@@ -81,11 +87,11 @@ def new_version(plan: Plan, previous: Version | None, results_seen: int, now: da
     seen when some of its cells had finished and they differ from the previous version's (or the
     previous version was itself such a change, and these settings keep it)."""
     changed: tuple[str, ...] = ()
-    if results_seen and previous is not None and previous.plan is not None:
-        diff = tuple(_changes(_decision(previous.plan), _decision(plan)))
+    if results_seen and previous is not None and previous.decision:
+        diff = tuple(_changes(previous.decision, _decision(plan)))
         changed = diff or previous.analysis_changed
     stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
-    return Version(plan.fingerprint, plan.source, stamp, results_seen, changed, plan)
+    return Version(plan.fingerprint, plan.source, stamp, results_seen, changed, _decision(plan), plan)
 
 
 def _decision(plan: Plan) -> dict[str, Any]:

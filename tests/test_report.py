@@ -563,5 +563,10 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
 
     assert {"plan.json", "report/report.md", "report/report.html", "report/summary.csv", "report/results.csv",
             "report/figures/differences.png", "report/figures/val_loss_curves.png",
-            "report/figures/params_vs_metric.png", f"versions/{plan.fingerprint}.json"} == set(walk())
+            "report/figures/params_vs_metric.png"} == set(walk())  # by name: the latest plan, nothing recorded
+    report.write_report("e2e", plan=replace(plan, source="/studies/e2e.yaml"))  # from a study file: its version
+    report.write_report("e2e", plan=replace(plan, source="/studies/e2e.yaml"))
     assert [v.fingerprint for v in tracking.load_study_runs("e2e").versions] == [plan.fingerprint]  # recorded once
+    other = replace(plan, source="/studies/other.yaml", analysis=AnalysisConfig(alpha=0.01))
+    with pytest.raises(ChaeError, match=r"is already used in the MLflow store .*other\.yaml is a different study"):
+        report.write_report("e2e", plan=other)

@@ -163,8 +163,9 @@ def test_a_search_is_keyed_by_everything_that_shapes_its_trials():
     assert name().startswith("search-quickstart-search-trials-") and name() == name()
     assert name({"top_k": 1}) == name() and name({"confirm_seed": 2000}) == name()
     others = [name(budget=13), name(overrides={"protocol.epochs": 2}), name({"seeds": [0, 1]}),
-              name({"sampler": "random"}), name({"pruner": "none"}), name({"space": {"protocol.lr": [0.001, 0.01]}})]
-    assert len({name(), *others}) == 7
+              name({"sampler": "random"}), name({"pruner": "none"}), name({"space": {"protocol.lr": [0.001, 0.01]}}),
+              name(overrides={"analysis.vary_split": True}), name(overrides={"analysis.margin": 0.2})]
+    assert len({name(), *others}) == 9
 
 
 MICRO_SEARCH = """

@@ -88,10 +88,11 @@ def test_two_study_files_with_one_name_the_second_is_refused_and_writes_nothing(
     first = cli.invoke(app, ["run", "a.yaml", "--no-progress", "--no-report"])
     assert first.exit_code == 0, first.output
     before = tree(workdir)
-    for args in (["run", "b.yaml"], ["run", "b.yaml", "--fresh"], ["worker", "b.yaml"]):
-        result = cli.invoke(app, [*args, "--no-progress"])
+    for args in (["run", "b.yaml", "--no-progress"], ["run", "b.yaml", "--fresh"], ["worker", "b.yaml"],
+                 ["report", "b.yaml"]):
+        result = cli.invoke(app, args)
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
-        assert "is already used in the ledger" in result.output and "b.yaml is a different study" in result.output
+        assert "is already used in the" in result.output and "b.yaml is a different study" in result.output
         assert tree(workdir) == before  # nothing written: not the ledger, MLflow, checkpoints nor caches
 
 
@@ -106,6 +107,9 @@ def test_decision_settings_changed_after_results_are_kept_with_the_version():
     assert late.analysis_changed == ("analysis.margin 0.05 -> 0.2",)
     kept = versions.new_version(plan_of({"analysis.margin": 0.2, "protocol.seeds": [0, 1, 2]}), late, results_seen=4)
     assert kept.analysis_changed == late.analysis_changed  # more seeds do not make the late margin early
+    in_ledger = versions.Version.from_json(before.to_json(with_plan=False))  # the ledger keeps no plan
+    assert in_ledger.plan is None and in_ledger.decision == before.decision
+    assert versions.new_version(plan_of({"analysis.margin": 0.2}), in_ledger, 3).analysis_changed == late.analysis_changed
     restored = versions.new_version(plan_of({"analysis.vary_split": True}), before, results_seen=0)
     assert restored.analysis_changed == ()
 

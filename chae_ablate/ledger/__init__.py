@@ -5,10 +5,10 @@ queue.py is a study's queue of cells; search.py a search's sampled trials. This 
 only importer of optuna, and what leaves it is the project's own records.
 """
 from .queue import Claim, Ledger, recorded_versions
-from .search import OVER_BUDGET, PRUNERS, REJECTED, SAMPLERS, SearchLedger, SearchTrial, search_settings
+from .search import DESCRIBED_AT, OVER_BUDGET, PRUNERS, REJECTED, SAMPLERS, SearchLedger, SearchTrial, search_settings
 from .storage import (JOURNAL, delete_study, journal_file, lost_ledger, masked, retrying, storage_url, study_attrs,
                       study_exists, study_names)
 
-__all__ = ["Claim", "Ledger", "recorded_versions", "OVER_BUDGET", "PRUNERS", "REJECTED", "SAMPLERS", "SearchLedger", "SearchTrial",
-           "search_settings", "JOURNAL", "delete_study", "journal_file", "lost_ledger", "masked", "retrying",
-           "storage_url", "study_attrs", "study_exists", "study_names"]
+__all__ = ["Claim", "Ledger", "recorded_versions", "DESCRIBED_AT", "OVER_BUDGET", "PRUNERS", "REJECTED", "SAMPLERS",
+           "SearchLedger", "SearchTrial", "search_settings", "JOURNAL", "delete_study", "journal_file", "lost_ledger",
+           "masked", "retrying", "storage_url", "study_attrs", "study_exists", "study_names"]

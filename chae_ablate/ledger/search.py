@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import optuna
@@ -23,6 +24,7 @@ from .storage import (ACTIVE, Heartbeat, heartbeat, internals, open_study, recov
 
 REJECTED, OVER_BUDGET, TRAINED = "rejected", "over_budget", "trained"  # a search trial's outcome attribute
 SETTINGS = "search"  # trials-study user attribute: what the search was keyed by, for "what changed"
+DESCRIBED_AT = "described_at"  # ... and when it was first run
 
 
 class BaselinePruner(optuna.pruners.BasePruner):
@@ -91,7 +93,8 @@ class SearchLedger:
     def describe(self, settings: dict) -> None:
         """Record what this search is keyed by (shown when a later search differs)."""
         if SETTINGS not in self.study.user_attrs:
-            retrying(self.study.set_user_attr, SETTINGS, json.dumps(settings, sort_keys=True, default=str))
+            stamped = {**settings, DESCRIBED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds")}
+            retrying(self.study.set_user_attr, SETTINGS, json.dumps(stamped, sort_keys=True, default=str))
 
     def ask(self, knobs: Iterable) -> SearchTrial:
         """A new trial (a dead worker's trial, re-queued with its params, comes first) with its knobs
