@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,3 +35,12 @@ def workdir(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     os.environ.setdefault("TQDM_DISABLE", "1")
     return tmp_path
+
+
+def chae(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+    """`python -m chae_ablate ARGS` started in `cwd` as a user would: its own local MLflow store (no
+    MLFLOW_TRACKING_URI), no progress bars, unbuffered, stderr merged into stdout."""
+    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

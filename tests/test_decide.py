@@ -6,7 +6,6 @@ import math
 import zlib
 
 import numpy as np
-import pandas as pd
 import pytest
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,16 +13,10 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import STUDIES
+from conftest import STUDIES, chae as cli
 
 CONTROL = STUDIES / "digits-control.yaml"
 
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def finished(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list]:

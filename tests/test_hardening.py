@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from chae_ablate.files import inside
 from chae_ablate.runner import RunOptions, checkpoint_dir, run_study
 from chae_ablate.study import load_study, study_from_dict
 
-from conftest import STUDIES, slow_study
+from conftest import STUDIES, slow_study, chae as _cli
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 cli = CliRunner()
@@ -190,12 +188,6 @@ def test_only_a_unique_key_race_is_tried_again():
     with pytest.raises(mlflow.exceptions.RestException, match="digest"):
         retrying(refused, transient=lost_insert_race)
     assert len(calls) == 1
-
-def _cli(*args: str, cwd: Path) -> subprocess.Popen:
-    env = {**os.environ, "TQDM_DISABLE": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ from chae_ablate.config import AnalysisConfig, parse
 from chae_ablate.errors import ChaeError
 from chae_ablate.metrics import EPOCH_METRICS
 from chae_ablate.records import CellRecord, CellState, PlannedCell
-from chae_ablate.versions import Version, new_version
+from chae_ablate.versions import new_version
 
 N_EPOCHS = 5
 ALPHA = 0.05

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study, study_from_dict
 from chae_ablate.train import train_cell
 
-from conftest import STUDIES, slow_study
+from conftest import STUDIES, slow_study, chae as cli
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 
@@ -137,12 +135,6 @@ def test_missing_paper_dataset_is_one_clear_line(workdir):
 
 SLOW_STUDY = slow_study("killme")
 
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def final_metrics(cwd: Path) -> dict:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import mlflow
 import optuna
@@ -23,7 +20,7 @@ from chae_ablate.search import trials_name
 from chae_ablate.study import load_study, seed_sequence, study_from_dict
 from chae_ablate.studyfile import read_study_file
 
-from conftest import STUDIES
+from conftest import STUDIES, chae as cli
 
 
 def space(**knobs) -> dict:
@@ -84,12 +81,6 @@ search:
     model.transformer.heads: [3, 5, 4]            # 3 and 5 do not divide dim 128: rejected (the baseline has 8)
 """
 
-
-def cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 @pytest.mark.slow

@@ -6,10 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -19,12 +16,11 @@ from typer.testing import CliRunner
 
 from chae_ablate import versions
 from chae_ablate.cli import app
-from chae_ablate.config import AnalysisConfig
 from chae_ablate.errors import ChaeError
 from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study, study_from_dict
 
-from conftest import STUDIES, slow_study
+from conftest import STUDIES, slow_study, chae as run_cli
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 cli = CliRunner()
@@ -136,12 +132,6 @@ def test_margin_changed_after_results_is_recorded_and_reported(workdir, capsys):
 
 
 # --- edit, rerun, kill: the scenario of the issue ---------------------------------------------------
-
-def run_cli(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 @pytest.mark.slow
