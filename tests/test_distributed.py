@@ -27,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from chae_ablate.cli import app
+from chae_ablate.options import RUN_DEFAULTS
 
 from conftest import STUDIES, slow_study
 
@@ -186,7 +187,7 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
                                                                  monkeypatch):
     name = "dist-tiny"
     study = study_file(tmp_path, (STUDIES / "synthetic-tiny.yaml").read_text(), name)
-    common = (str(study), "--seeds", "0,1,2", "--storage", postgres)
+    common = (str(study), "--seeds", "0,1,2", "--storage", postgres, "--threads", "1")  # 3 workers, 2 cores
     first = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
     others = [cli("worker", *common, cwd=tmp_path / m, tracking=mlflow_server) for m in ("m2", "m3")]
     outputs = [finish(p) for p in (first, *others)]
@@ -221,7 +222,7 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
 def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path):
     name = "dist-kill"
     study = study_file(tmp_path, SLOW_STUDY, name)
-    common = (str(study), "--storage", postgres)
+    common = (str(study), "--storage", postgres, "--threads", "1")  # 2 workers, 2 cores
     victim = cli("worker", *common, cwd=tmp_path / "m2", tracking=mlflow_server)
     checkpoints = tmp_path / "m2" / "runs" / "checkpoints" / name
     deadline = time.time() + 120
@@ -286,3 +287,39 @@ def test_unreachable_servers_fail_in_one_clear_line(postgres, tmp_path):
     ]
     for process, expected in checks:
         one_clear_line(process, *expected)
+
+
+def _open_at(url: str, start, failures) -> None:
+    from chae_ablate.ledger.storage import open_study
+    start.wait()
+    try:
+        open_study("race", url, RUN_DEFAULTS.heartbeat_s, RUN_DEFAULTS.grace_s)
+    except BaseException as err:  # noqa: BLE001 - every failure is the finding
+        failures.put(str(err))
+
+
+def test_workers_creating_the_ledger_schema_at_once_all_open_it(postgres):
+    """Workers started together on an empty PostgreSQL database all create Optuna's schema: the
+    losers of that race get 'type/relation ... already exists' (a ProgrammingError, not an
+    IntegrityError) and must retry, not exit. Six processes per fresh database, released by a
+    barrier, five databases; CI saw `type "studydirection" already exists` end a worker."""
+    import multiprocessing
+
+    import psycopg2
+
+    fork = multiprocessing.get_context("fork")
+    failures = fork.Queue()
+    admin = psycopg2.connect(postgres.rsplit("/", 1)[0] + "/postgres")
+    admin.autocommit = True
+    for round_ in range(5):
+        admin.cursor().execute(f"CREATE DATABASE race{round_}")
+        url, start = postgres.rsplit("/", 1)[0] + f"/race{round_}", fork.Barrier(6)
+        processes = [fork.Process(target=_open_at, args=(url, start, failures)) for _ in range(6)]
+        for p in processes:
+            p.start()
+        for p in processes:
+            p.join(timeout=120)
+        assert [p.exitcode for p in processes] == [0] * 6
+    admin.close()
+    errors = [failures.get() for _ in range(failures.qsize())]
+    assert errors == []

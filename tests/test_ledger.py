@@ -188,3 +188,33 @@ def test_journal_urls():
     assert masked("journal:runs/l.journal") == "journal:runs/l.journal"
     with pytest.raises(ChaeError, match="expected a file after journal:"):
         journal_file("journal:")
+
+
+@pytest.mark.parametrize("lost", ['relation "studies" already exists', 'type "studydirection" already exists'])
+def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch, lost):
+    """PostgreSQL tells the loser of two CREATEs 'relation/type ... already exists' as a
+    ProgrammingError (seen in CI with three workers starting at once); opening the ledger retries it
+    as it does a duplicate row, and the worker gets its study. Any other ProgrammingError is one line."""
+    import sqlalchemy
+
+    from chae_ablate.ledger import storage
+
+    calls = []
+    real = storage.RDBStorage
+
+    def rdb(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise sqlalchemy.exc.ProgrammingError("CREATE ...", {}, Exception(lost))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(storage, "RDBStorage", rdb)
+    study = storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db", 5, 15)
+    assert study.study_name == "race" and len(calls) == 2
+
+    def refused(*args, **kwargs):
+        raise sqlalchemy.exc.ProgrammingError("SELECT ...", {}, Exception("permission denied for table studies"))
+
+    monkeypatch.setattr(storage, "RDBStorage", refused)
+    with pytest.raises(ChaeError, match="cannot open the Optuna storage .*permission denied"):
+        storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db", 5, 15)

@@ -129,11 +129,10 @@ def opening(url: str, use, heartbeat_s: int | None = None, grace_s: int | None =
     beats = {} if heartbeat_s is None else {"heartbeat_interval": heartbeat_s, "grace_period": grace_s,
                                             "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()}
     try:
-        schema_race = lambda e: isinstance(e, sqlalchemy.exc.IntegrityError) or _locked(e)  # noqa: E731
         with writer_lock(url):  # sqlite: processes create tables in turn
             storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
-                               transient=schema_race, **beats)
-            return retrying(use, storage, transient=schema_race)
+                               transient=_schema_race, **beats)
+            return retrying(use, storage, transient=_schema_race)
     except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
         driver = getattr(err.__cause__, "name", None) or err.name or "database"
         raise ChaeError(f"--storage {masked(url)}: needs the {driver} driver; "
@@ -182,10 +181,14 @@ def writer_lock(url: str):
     return file_lock(database.with_name(f".{database.name}.lock")) if database is not None else nullcontext()
 
 
-def _locked(err: BaseException) -> bool:
-    """sqlite's 'database is locked' / schema-creation race between processes starting together."""
+def _schema_race(err: BaseException) -> bool:
+    """Processes starting together on a new database, where one's CREATE lost to another's: a
+    duplicate row, sqlite's 'database is locked', or PostgreSQL's 'relation/type ... already
+    exists' (DuplicateTable/DuplicateObject, which SQLAlchemy raises as ProgrammingError)."""
     text = str(err).lower()
-    return isinstance(err, sqlalchemy.exc.OperationalError) and ("locked" in text or "already exists" in text)
+    return isinstance(err, sqlalchemy.exc.IntegrityError) or (
+        isinstance(err, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.ProgrammingError))
+        and ("locked" in text or "already exists" in text))
 
 
 # --- holding a trial: heartbeats, leases, recovery ----------------------------------------------
