@@ -31,7 +31,18 @@ def finished(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list]:
 def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
-    reference = cli("run", str(CONTROL), "--no-progress", cwd=straight)
+    # The uninterrupted reference and the run to be killed go side by side, one torch thread each
+    # (2 cores); their cells must agree to the bit, which one thread each also guarantees.
+    reference = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=straight)
+    victim = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=killed, start_new_session=True)
+    checkpoints = killed / "runs" / "checkpoints" / "digits-control"
+    deadline = time.time() + 600
+    while time.time() < deadline and len(list(checkpoints.glob("*/last.pt"))) < 11 and victim.poll() is None:
+        time.sleep(0.2)  # 9 cells of the first round, then the second round under way
+    assert victim.poll() is None, victim.communicate()[0]
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    rerun = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=killed)
     out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
 
@@ -52,18 +63,11 @@ def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
     assert parent.data.tags["verdict.lr_too_small"] == "worse"
     assert parent.data.metrics["diff_low.lr_too_small"] > 0
 
-    if summary.loc["depth1", "n_needed"] == 3:
-        pytest.skip("depth1 was decided at the first look, so there was no second round to interrupt")
-    victim = cli("run", str(CONTROL), "--no-progress", cwd=killed, start_new_session=True)
-    checkpoints = killed / "runs" / "checkpoints" / "digits-control"
-    deadline = time.time() + 600
-    while time.time() < deadline and len(list(checkpoints.glob("*/last.pt"))) < 11:
-        time.sleep(0.2)  # 9 cells of the first round, then the second round under way
-    os.killpg(victim.pid, signal.SIGKILL)
-    victim.wait()
-    rerun = cli("run", str(CONTROL), "--no-progress", cwd=killed)
     out, _ = rerun.communicate(timeout=900)
     assert rerun.returncode == 0, out
+    if summary.loc["depth1", "n_needed"] == 3:
+        pytest.skip("depth1 was decided at the first look, so there was no second round to interrupt")
+    assert len(list(checkpoints.glob("*/last.pt"))) == len(trials)
 
     again, results_again, trials_again = finished(killed)
     columns = ["verdict", "n_needed", "looks"]

@@ -5,7 +5,7 @@ and skip with the reason when `torch.cuda.is_available()` is false), so the same
 in CI and on a GPU machine. On the CPU, bf16 autocast is `torch.autocast("cpu", bfloat16)`:
 `train.autocast_for` gives full precision there, so those cases patch it in.
 
-    pytest -q -rs tests/test_gpu.py          # CPU cases here (-m "not slow": without the 45 s compile)
+    pytest -q -rs tests/test_gpu.py          # CPU cases here (-m "not slow": without the ~40 s compile)
     pytest -q -rs -m gpu tests/test_gpu.py   # only the CUDA cases (skipped, with the reason, without CUDA)
 
 Tolerances (every one compares a run with a reference on the same data, seed and weights):
@@ -18,6 +18,7 @@ Tolerances (every one compares a run with a reference on the same data, seed and
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -199,16 +200,28 @@ def test_workers_are_spread_over_the_visible_gpus(monkeypatch):
     assert devices("auto") == ["cuda"] * 5
 
 
-COMPILE_CPU = pytest.param("cpu", id="cpu", marks=pytest.mark.slow)  # ~45 s of compilation on 2 cores
+COMPILE_CPU = pytest.param("cpu", id="cpu", marks=pytest.mark.slow)  # ~40 s of compilation on 2 cores
+
+
+@pytest.fixture(scope="module")
+def whole_batches(tmp_path_factory) -> tuple[ExperimentConfig, Dataset]:
+    """tiny_config at batch 15 and 198 synthetic images whose 135 training images make 9 whole
+    batches: inductor compiles one training and one evaluation graph, not also a partial batch's."""
+    cfg = DataConfig(source="synthetic", synthetic_classes=3, synthetic_per_class=66, val_fraction=0.2)
+    data = load_dataset(cfg, RES, tmp_path_factory.mktemp("runs"), progress=False)
+    config = tiny_config()
+    config = dataclasses.replace(config, protocol=dataclasses.replace(config.protocol, batch_size=15))
+    assert len(data.train.labels) % config.protocol.batch_size == 0
+    return config, data
 
 
 @pytest.mark.parametrize("device", [COMPILE_CPU, CUDA])
-def test_compiled_model_matches_eager(device, data):
+def test_compiled_model_matches_eager(device, whole_batches):
     """train_cell(compile_model=True) trains to the eager run's metrics (fp32 on the CPU to 1e-3;
     bf16 on CUDA, where fusion changes rounding, to BF16_LOSS_TOL). Marked slow on the CPU:
-    inductor compiles the training, last-partial-batch and evaluation graphs, ~45 s on 2 cores.
+    inductor compiles the training and evaluation graphs, ~40 s on 2 cores.
     Last in the file, so a time limit on a GPU run cuts no other test short."""
-    config, device = tiny_config(), torch.device(device)
+    (config, data), device = whole_batches, torch.device(device)
     eager = train.train_cell(config=config, seed=0, data=data, device=device)
     compiled = train.train_cell(config=config, seed=0, data=data, device=device, compile_model=True)
     tol = BF16_LOSS_TOL if device.type == "cuda" else 1e-3

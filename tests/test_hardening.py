@@ -197,7 +197,7 @@ def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
     for attempt in range(2):
         folder = tmp_path / f"try{attempt}"
         folder.mkdir()
-        procs = [_cli("run", str(TINY), "--no-progress", cwd=folder), _cli("worker", str(TINY), "--no-progress", cwd=folder)]
+        procs = [_cli(command, str(TINY), "--no-progress", "--threads", "1", cwd=folder) for command in ("run", "worker")]
         outputs = [p.communicate(timeout=600)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outputs
         client = mlflow.tracking.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")

@@ -149,9 +149,9 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
     (tmp_path / "s.yaml").write_text(SLOW_STUDY)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
-    reference = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=straight)
+    reference = cli("run", "../s.yaml", "--no-report", "--device", "cpu", "--threads", "1", cwd=straight)
 
-    victim = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed, start_new_session=True)
+    victim = cli("run", "../s.yaml", "--no-report", "--device", "cpu", "--threads", "1", cwd=killed, start_new_session=True)
     checkpoints = killed / "runs" / "checkpoints" / "killme"
     deadline = time.time() + 180
     while time.time() < deadline and not any(checkpoints.glob("*/last.pt")):
@@ -166,7 +166,7 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
         study_name="killme", storage=f"sqlite:///{killed}/runs/optuna.db").get_trials()
         if t.state == optuna.trial.TrialState.RUNNING]
 
-    out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", cwd=killed).communicate(timeout=600)
+    out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", "--threads", "1", cwd=killed).communicate(timeout=600)
     assert "done" in out, out
     ref_out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_out
