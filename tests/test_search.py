@@ -70,7 +70,7 @@ base: {quickstart}
 name: tinysearch
 variants: {{{drops}}}
 model: {{resolution: 16}}
-protocol: {{epochs: 3}}
+protocol: {{epochs: 2}}
 analysis: {{min_seeds: 2, max_seeds: 3, margin: 0.5, relative: false}}
 search:
   trials: 6
@@ -113,7 +113,7 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
     assert len(killed) == 1 and killed["trial"].iloc[0] in set(trials["retry_of"].dropna().astype(int))
     hopeless = budget[budget["protocol.lr"] == 1e-7]  # trained trials (the killed and the rejected trained nothing)
     assert len(hopeless) and (hopeless["state"] == "pruned").all()
-    assert (hopeless["pruned_at_epoch"] < 3).all()  # before their last epoch
+    assert (hopeless["pruned_at_epoch"] < 2).all()  # before their last epoch
     rejected = trials[trials["state"] == "rejected"]
     assert len(rejected) >= 1  # two thirds of the space: six trials without one would be a 1-in-700 draw
     assert rejected["model.transformer.heads"].isin([3, 5]).all()

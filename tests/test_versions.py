@@ -135,7 +135,7 @@ def test_margin_changed_after_results_is_recorded_and_reported(workdir, capsys):
 
 
 @pytest.mark.slow
-def test_an_edited_study_killed_mid_rerun_reports_only_its_own_cells(tmp_path):
+def test_an_edited_study_killed_mid_rerun_reports_only_its_own_cells(tmp_path, monkeypatch):
     """Run a study, change protocol.epochs, rerun, kill -9 after the first new cell, report: only
     the new version's cells are in the statistics; the earlier ones are listed apart with what
     changed, and `status` counts them apart. Before cell identity, the report paired the new
@@ -164,8 +164,10 @@ def test_an_edited_study_killed_mid_rerun_reports_only_its_own_cells(tmp_path):
     out = victim.stdout.read()
     assert "changed since the version first run" in out and "protocol.epochs 1 -> 4" in out
 
-    report = run_cli("report", "edited", cwd=tmp_path)
-    assert report.wait(timeout=300) == 0, report.communicate()[0]
+    monkeypatch.chdir(tmp_path)  # the user's folder: its runs/, mlflow.db and reports/
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    report = cli.invoke(app, ["report", "edited"])
+    assert report.exit_code == 0, report.output
     results = pd.read_csv(tmp_path / "reports" / "edited" / "results.csv")
     assert set(results["cell_hash"]) == new  # one row per cell of the new version, none of the old
     counted = results[results["in_stats"]]
