@@ -263,11 +263,10 @@ def other_cells(plan: Plan, standing: Outcome, known: list[Version]) -> list[str
     """The cells kept but never counted: those of earlier versions of the study (grouped by the
     version that planned them, with what changed since), and this plan's cells its looks did not need."""
     lines = []
+    planned_by = {c.cell_hash: v.fingerprint for v in known if v.plan for c in v.plan.cells}  # the latest that planned it
     by_version: dict[str, list[CellRecord]] = {}
     for r in standing.earlier:
-        version = next((v for v in reversed(known) if v.plan and r.cell_hash in {c.cell_hash for c in v.plan.cells}),
-                       None)
-        by_version.setdefault(version.fingerprint if version else "", []).append(r)
+        by_version.setdefault(planned_by.get(r.cell_hash, ""), []).append(r)
     for fingerprint, records in by_version.items():
         version = next((v for v in known if v.fingerprint == fingerprint), None)
         what = (f"from an earlier version of this study (first run {version.recorded_at}): {_cells_count(records)}; "
@@ -314,7 +313,7 @@ def _blocks(plan: Plan, table: pd.DataFrame, summary: pd.DataFrame, figures: lis
     seeds_table, seeds_text = _seeds_table(summary, analysis, standing)
     state = "" if standing.complete else " The study is not complete: some verdicts are pending."
     others = other_cells(plan, standing, known)
-    kept = f" {sum(len(line) > 0 for line in others)} group(s) of other cells are kept apart (below)." if others else ""
+    kept = f" {len(others)} group(s) of other cells are kept apart (below)." if others else ""
     note = analysis_note(plan, known)
     return [
         ("h1", f"Ablation report: {plan.study}"),
@@ -378,9 +377,7 @@ def write_report(study_name: str, out_dir: Path | None = None, plan: Plan | None
         raise ChaeError(f"study '{study_name}' has no recorded plan in MLflow (it was run by an older chae-ablate); "
                         f"report it from its study file: chae-ablate report STUDY.yaml")
     if plan is not runs.plan and plan.fingerprint not in {v.fingerprint for v in known}:
-        planned = {c.cell_hash for c in plan.cells}
-        seen = sum(r.state == CellState.DONE and r.cell_hash in planned for r in runs.records)
-        version = versions.new_version(plan, versions.latest(known, plan), seen)
+        version = versions.first_run(plan, known, runs.records)
         tracking.record_version(study_name, version)
         known = [*known, version]
     out = Path(out_dir) if out_dir is not None else inside(Path("reports"), study_name)

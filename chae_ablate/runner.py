@@ -259,18 +259,16 @@ def _record_version(session: StudySession, plan: Plan, in_ledger: list[Version],
     known = versions.merged(in_ledger, in_mlflow)
     version = next((v for v in known if v.fingerprint == plan.fingerprint), None)
     if version is None:
-        planned = {c.cell_hash for c in plan.cells}
-        seen = sum(r.state == CellState.DONE and r.cell_hash in planned for r in session.ledger.records())
-        previous = versions.latest(known, plan)
-        version = versions.new_version(plan, previous, seen)
+        version, previous = versions.first_run(plan, known, session.ledger.records()), versions.latest(known, plan)
         if previous is not None:
             changed = versions.changes(previous.plan, plan) if previous.plan is not None else []
+            planned = {c.cell_hash for c in plan.cells}
             cells = ("" if previous.plan is not None and {c.cell_hash for c in previous.plan.cells} <= planned else
                      " Cells of earlier versions are kept and listed in the report, never counted.")
             notify(f"study {plan.study} changed since the version first run {previous.recorded_at}: "
                    f"{'; '.join(changed) or 'no plan of that run was kept'}.{cells}")
         if version.analysis_changed:
-            notify(f"study {plan.study}: {', '.join(version.analysis_changed)} set after {seen} result(s) were "
+            notify(f"study {plan.study}: {', '.join(version.analysis_changed)} set after {version.results_seen} result(s) were "
                    "seen; the report says so beside the verdicts (their error guarantee assumes settings fixed "
                    "in advance).")
     if not any(v.fingerprint == plan.fingerprint for v in in_mlflow):

@@ -16,6 +16,7 @@ from .analysis import Plan
 from .config import dotted, to_dict
 from .errors import ChaeError
 from .files import shown
+from .records import CellRecord, CellState
 
 DECISION_SETTINGS = ("metric", "margin", "relative", "alpha", "min_seeds", "max_seeds", "step", "adaptive")
 # analysis settings that decide verdicts: changed once results are in, they void the error guarantee
@@ -92,6 +93,14 @@ def new_version(plan: Plan, previous: Version | None, results_seen: int, now: da
         changed = diff or previous.analysis_changed
     stamp = (now or datetime.now(timezone.utc)).isoformat(timespec="seconds")
     return Version(plan.fingerprint, plan.source, stamp, results_seen, changed, _decision(plan), plan)
+
+
+def first_run(plan: Plan, known: list[Version], records: Iterable[CellRecord]) -> Version:
+    """The record of `plan`'s first run, after the versions `known`, with the results already seen:
+    those of the stores' records that are this plan's cells, done."""
+    planned = {c.cell_hash for c in plan.cells}
+    seen = sum(r.state == CellState.DONE and r.cell_hash in planned for r in records)
+    return new_version(plan, latest(known, plan), seen)
 
 
 def _decision(plan: Plan) -> dict[str, Any]:
