@@ -174,7 +174,7 @@ class StudyLog:
 
     def record_version(self, version: Version) -> None:
         """Keep a version of the study (versions.py) with the parent run."""
-        self.client.log_dict(self.parent_id, version.to_json(), f"{VERSIONS}/{version.fingerprint}.json")
+        _log_version(self.client, self.parent_id, version)
 
     def cell_run(self, cell: Cell, device: str, start_epoch: int) -> "CellRun":
         """The cell's run: the interrupted one continued when its history fits `start_epoch`, else new."""
@@ -338,6 +338,10 @@ def _versions(client, parents: list) -> list[Version]:
     return sorted((Version.from_json(v) for v in found if v), key=lambda v: v.recorded_at)
 
 
+def _log_version(client, parent_id: str, version: Version) -> None:
+    client.log_dict(parent_id, version.to_json(), f"{VERSIONS}/{version.fingerprint}.json")
+
+
 def _artifact_json(client, run_id: str, path: str) -> Any:
     """A JSON artifact of a run (None when it is missing or unreadable)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -372,7 +376,7 @@ def record_version(study_name: str, version: Version) -> None:
     exp = client.get_experiment_by_name(study_name)
     parents = exp and _parent_runs(client, exp.experiment_id)
     if parents:
-        client.log_dict(parents[0].info.run_id, version.to_json(), f"{VERSIONS}/{version.fingerprint}.json")
+        _log_version(client, parents[0].info.run_id, version)
 
 
 def log_report(study_name: str, report_dir: Path, files: list[Path], summary: pd.DataFrame) -> None:
