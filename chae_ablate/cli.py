@@ -6,6 +6,7 @@ Commands import the library when they run, so `--help` starts without loading to
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -73,8 +74,13 @@ def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: 
 
 
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: cores / workers)")]
-HeartbeatOpt = Annotated[int, typer.Option(min=1, help="Seconds between a running cell's heartbeats")]
-GraceOpt = Annotated[int, typer.Option(min=2, help="Seconds of silence before a running cell is re-queued")]
+HeartbeatOpt = Annotated[Optional[int], typer.Option(
+    min=1, help="Seconds between a running cell's heartbeats, for a new study (default: 5; 20 on a journal)")]
+GraceOpt = Annotated[Optional[int], typer.Option(
+    min=3, help="Seconds a worker watches a cell's heartbeat stand still before it re-queues the cell, for a new "
+    "study (default: 15; 60 on a journal; at least 3 x --heartbeat)")]
+RetriesOpt = Annotated[Optional[int], typer.Option(
+    min=0, help="Times a cell whose worker died is re-queued before it fails, for a new study (default: 3)")]
 FreshOpt = Annotated[bool, typer.Option(help="Forget earlier results of this study and start over")]
 CompileOpt = Annotated[bool, typer.Option(help="torch.compile the model")]
 ProgressOpt = Annotated[bool, typer.Option(help="Progress bars (one line per cell when not a terminal)")]
@@ -90,12 +96,13 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
         fresh: FreshOpt = RUN_DEFAULTS.fresh, compile: CompileOpt = RUN_DEFAULTS.compile,
         report: Annotated[bool, typer.Option(help="Write the report at the end")] = True,
         progress: ProgressOpt = RUN_DEFAULTS.progress, threads: ThreadsOpt = RUN_DEFAULTS.threads,
-        heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s, grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
+        heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s, grace: GraceOpt = RUN_DEFAULTS.grace_s,
+        retries: RetriesOpt = RUN_DEFAULTS.retries) -> None:
     """Train every cell (variant x seed) of a study; a rerun resumes where it stopped."""
     from .runner import run_study
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
                          progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat,
-                         grace_s=grace)
+                         grace_s=grace, retries=retries)
     summary = run_study(_load(study, set_, epochs, seeds, adaptive), options, report=report)
     typer.echo(summary.verdicts or _cells_text(summary.cells))
     if summary.report:
@@ -128,16 +135,21 @@ def worker(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epo
            runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir, compile: CompileOpt = RUN_DEFAULTS.compile,
            progress: ProgressOpt = RUN_DEFAULTS.progress, threads: ThreadsOpt = RUN_DEFAULTS.threads,
            heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s, grace: GraceOpt = RUN_DEFAULTS.grace_s,
-           join_search: Annotated[bool, typer.Option("--search", help="Join the study's search instead")] = False
+           retries: RetriesOpt = RUN_DEFAULTS.retries,
+           join_search: Annotated[bool, typer.Option("--search", help="Join the study's search instead")] = False,
+           trials: Annotated[Optional[int], typer.Option(
+               min=1, help="With --search: the budget the search was started with (its --trials)")] = None,
            ) -> None:
     """Join a running study or search (shared --storage) and train cells until none are left."""
     from .runner import run_worker
     options = RunOptions(storage=storage, device=device, runs_dir=runs_dir, progress=progress, compile=compile,
-                         threads=threads, heartbeat_s=heartbeat, grace_s=grace)
+                         threads=threads, heartbeat_s=heartbeat, grace_s=grace, retries=retries)
     loaded = _load(study, set_, epochs, seeds, adaptive)
+    if trials is not None and not join_search:
+        raise ChaeError("worker --trials: only with --search (a study has no trial budget)")
     if join_search:
         from .search import run_search
-        summary = run_search(loaded, options, report=False, joining=True)
+        summary = run_search(loaded, options, trials, report=False, joining=True)
         typer.echo(f"worker finished: the search has {len(summary.trials)} trial(s)")
         return
     done = run_worker(loaded, options)
@@ -155,11 +167,12 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
                                                     "and start over")] = RUN_DEFAULTS.fresh,
            compile: CompileOpt = RUN_DEFAULTS.compile, progress: ProgressOpt = RUN_DEFAULTS.progress,
            threads: ThreadsOpt = RUN_DEFAULTS.threads, heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s,
-           grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
+           grace: GraceOpt = RUN_DEFAULTS.grace_s, retries: RetriesOpt = RUN_DEFAULTS.retries) -> None:
     """Search the study's knobs (its search: section), then re-test the best on fresh seeds."""
     from .search import run_search
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
-                         progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace)
+                         progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace,
+                         retries=retries)
     summary = run_search(_load(study, set_, epochs, None), options, trials)
     confirm = summary.confirmation
     if confirm is None:
@@ -211,16 +224,22 @@ def submit(study: StudyArg,
            runs_dir: Annotated[Path, typer.Option(help="Shared by every node: checkpoints, ledger, logs")
                                ] = RUN_DEFAULTS.runs_dir,
            compile: CompileOpt = RUN_DEFAULTS.compile, heartbeat: HeartbeatOpt = RUN_DEFAULTS.heartbeat_s,
-           grace: GraceOpt = RUN_DEFAULTS.grace_s) -> None:
+           grace: GraceOpt = RUN_DEFAULTS.grace_s, retries: RetriesOpt = RUN_DEFAULTS.retries,
+           local_tracking: Annotated[bool, typer.Option(
+               help="Let the tasks write to a local MLflow store (sqlite) in spite of the risk; without a tracking "
+                    "server that is refused for arrays of more than one task")] = SLURM_DEFAULTS.local_tracking,
+           ) -> None:
     """Train a study (or its search) on a SLURM job array of workers sharing one ledger."""
     from .cluster import submit as submit_array
     if not slurm:
         raise ChaeError("submit: say where, e.g. --slurm (the one scheduler supported)")
     loaded = _load(study, set_, epochs, seeds, adaptive)
-    options = RunOptions(storage=storage, runs_dir=runs_dir, compile=compile, heartbeat_s=heartbeat, grace_s=grace)
+    options = RunOptions(storage=storage, runs_dir=runs_dir, compile=compile, heartbeat_s=heartbeat, grace_s=grace,
+                         retries=retries)
     job = submit_array(loaded, options, SlurmOptions(array=array, partition=partition, gpus_per_task=gpus_per_task,
                                                      cpus_per_task=cpus_per_task, time=time, account=account,
-                                                     mem_gb=mem_gb, setup=tuple(setup or ())), join_search)
+                                                     mem_gb=mem_gb, setup=tuple(setup or ()),
+                                                     local_tracking=local_tracking), join_search)
     typer.echo(f"submitted job array {job.job_id} ({job.tasks} tasks, {job.job_id}_0 .. {job.job_id}_{job.tasks - 1})")
     typer.echo(f"watch:  squeue -j {job.job_id}   and   chae-ablate status {study} --storage {job.storage}")
     typer.echo(f"logs:   {job.logs}/{job.job_id}_*/   stop: scancel {job.job_id}")
@@ -268,5 +287,11 @@ def data_check(root: Annotated[Path, typer.Argument(help="A class-per-folder ima
         raise ChaeError(f"{root}: {len(checked.problems)} problem(s) would stop a study from using it (listed above)")
 
 
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    # SIGTERM (kill, a scheduler ending a job) stops like Ctrl-C: a held cell goes back to the queue
+    signal.signal(signal.SIGTERM, _terminated)
     app()

@@ -2,12 +2,14 @@
 
 Every array task does what `chae-ablate run` does (or `search`; task 0 leads a search, the others
 join it): it queues what is missing, claims cells from the shared ledger until none is left, and
-each task that finishes writes the report from MLflow. SLURM sends SIGUSR2 ahead of a time limit
-or a preemption; submitit then requeues the task (ArrayTask is checkpointable) and exits. The cell
-that task held stops sending heartbeats (or renewing its lease, on a journal ledger), goes back to
-the queue after the grace period, and the next free task resumes it from its epoch checkpoint in
-the shared runs folder, continuing its MLflow run. A task killed outright (scancel, a node lost) is
-recovered the same way by the tasks still running, or by resubmitting.
+each task that finishes writes the report from MLflow; a task with nothing left to claim exits
+rather than hold its GPU while others train. SLURM sends SIGUSR2 ahead of a time limit or a
+preemption (SIGTERM on clusters without preempt_send_user_signal, handled the same); submitit then
+requeues the task (ArrayTask is checkpointable) and exits, and the worker hands the cell it held
+back to the queue, where the next free task resumes it from its epoch checkpoint in the shared
+runs folder, continuing its MLflow run. A task killed outright (a node lost, host OOM) stops its
+heartbeats: a task still running re-queues its cell after the grace period (ledger/claims.py), or
+a resubmission does.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import math
 import os
 import re
 import shutil
+import signal
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from .errors import ChaeError
 from .files import inside
 from .ledger import journal_file, storage_url
 from .options import RunOptions, SlurmOptions
+from .records import CellState
 from .runner import run_study, start_study
 from .search import baseline_study, run_search
 from .study import Study
@@ -69,19 +74,49 @@ class ArrayTask:
 
     def __call__(self, index: int) -> str:
         os.environ["MLFLOW_TRACKING_URI"] = self.tracking_uri  # the submitter's store, from any node
+        preempt_on_sigterm()
         if self.search:
-            summary = run_search(self.study, self.options, report=index == 0, joining=index > 0)
+            # task 0 waits for every trial and runs the confirmation; the others leave when idle
+            summary = run_search(self.study, replace(self.options, linger=index == 0), report=index == 0,
+                                 joining=index > 0)
             return f"search task {index}: the search has {len(summary.trials)} trial(s)"
         result = run_study(self.study, self.options, report=True)
-        if result.unfinished:
-            raise ChaeError(f"{len(result.unfinished)} of {len(result.cells)} cells did not finish; "
-                            "resubmit to retry")
-        return f"task {index}: {len(result.cells)} cells done, report {result.report}"
+        failed = [c for c in result.cells if c.state == CellState.FAILED]
+        if failed:
+            raise ChaeError(f"{len(failed)} of {len(result.cells)} cells failed; see the report; resubmit to retry")
+        left = len(result.unfinished)
+        return (f"task {index}: {len(result.cells) - left} of {len(result.cells)} cells done"
+                + (f", {left} still with other tasks" if left else "") + f"; report {result.report}")
 
     def checkpoint(self, index: int):
         """Requeue this task as it was: the cell it held resumes from its epoch checkpoint."""
         import submitit
         return submitit.helpers.DelayedSubmission(self, index)
+
+
+def preempt_on_sigterm() -> None:
+    """SIGTERM as SLURM's preemption signal where the cluster sends no SIGUSR2 first
+    (preempt_send_user_signal unset): submitit's own handler, which requeues the task and exits,
+    and the worker hands its cell back (submitit would ignore SIGTERM and die at SIGKILL)."""
+    handler = signal.getsignal(signal.SIGUSR2)
+    if callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def refuse_local_tracking(slurm: SlurmOptions) -> None:
+    """A local MLflow store (a sqlite file on the shared filesystem) cannot take writes from many
+    nodes at once: sqlite's locks do not hold over NFS, and its busy timeout fails cells."""
+    uri = tracking.tracking_uri()
+    if slurm.array <= 1 or uri.startswith(("http://", "https://")):
+        return
+    fix = ("start a tracking server on a machine every node reaches, e.g. `mlflow server --backend-store-uri "
+           f"{uri} --host 0.0.0.0 --port 5000` on the login node, then `export MLFLOW_TRACKING_URI=http://LOGIN:5000` "
+           "and submit again")
+    if not slurm.local_tracking:
+        raise ChaeError(f"submit --array {slurm.array}: the MLflow store {uri} is a local file that many nodes "
+                        f"would write at once; {fix} (or pass --local-tracking to accept the risk)")
+    print(f"warning: {slurm.array} tasks will write the local MLflow store {uri} at once (--local-tracking); "
+          f"busy moments are retried for {tracking.patience_s():g} s; safer: {fix}", file=sys.stderr)
 
 
 def shared_options(options: RunOptions, slurm: SlurmOptions) -> RunOptions:
@@ -96,12 +131,13 @@ def shared_options(options: RunOptions, slurm: SlurmOptions) -> RunOptions:
     elif storage_url(storage).get_backend_name() == "sqlite":
         raise ChaeError(f"--storage {storage}: sqlite cannot be shared safely by many nodes; leave --storage "
                         "out (a journal file in the shared runs folder) or give postgresql://USER:PASS@HOST/DB")
-    return replace(options, runs_dir=runs_dir, storage=storage, workers=1, threads=slurm.cpus_per_task)
+    return replace(options, runs_dir=runs_dir, storage=storage, workers=1, threads=slurm.cpus_per_task, linger=False)
 
 
 def submit(study: Study, options: RunOptions, slurm: SlurmOptions, search: bool = False) -> Submission:
     """Check and queue the study here (data present, servers reachable, cells queued), then submit
     its workers as one SLURM job array."""
+    refuse_local_tracking(slurm)
     if importlib.util.find_spec("submitit") is None:
         raise ChaeError("submit --slurm needs submitit: pip install 'chae-ablate[slurm]'")
     if shutil.which("sbatch") is None:

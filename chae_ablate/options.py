@@ -1,5 +1,5 @@
 """What a command may set, with its default, defined once: how a study runs (storage, workers,
-device, heartbeats) and how a SLURM job array is shaped. Light on purpose: the CLI builds its
+device, claim settings) and how a SLURM job array is shaped. Light on purpose: the CLI builds its
 options from these defaults without importing torch, Optuna or MLflow."""
 from __future__ import annotations
 
@@ -18,13 +18,20 @@ class RunOptions:
     progress: bool = True  # progress bars (one line per finished cell when not a terminal)
     compile: bool = False  # torch.compile the model
     threads: int | None = None  # torch CPU threads per worker (default: cores / workers)
-    heartbeat_s: int = 5  # how often a worker holding a cell proves itself alive
-    grace_s: int = 15  # silence after which a held cell is failed and re-queued
+    # claim settings of a new study (None: ledger.DEFAULTS for its storage); a study keeps its own
+    heartbeat_s: int | None = None  # how often a worker holding a cell proves itself alive
+    grace_s: int | None = None  # how long a held cell's heartbeat is watched standing still before it is re-queued
+    retries: int | None = None  # times a cell whose worker died is re-queued before it fails
+    linger: bool = True  # with nothing to claim, wait while others train (to retry their cells if they die)
 
     @property
     def bars(self) -> bool:
         """Progress bars only on a terminal: a log file gets one line per finished cell instead."""
         return self.progress and sys.stderr.isatty()
+
+    @property
+    def claim_settings(self) -> dict[str, int | None]:
+        return {"heartbeat_s": self.heartbeat_s, "grace_s": self.grace_s, "retries": self.retries}
 
     @property
     def storage_url(self) -> str:
@@ -43,6 +50,7 @@ class SlurmOptions:
     account: str | None = None
     mem_gb: int | None = None
     setup: tuple[str, ...] = ()  # shell lines before the task starts, e.g. "module load cuda"
+    local_tracking: bool = False  # allow a local (sqlite) MLflow store for an array of several tasks
 
 
 RUN_DEFAULTS, SLURM_DEFAULTS = RunOptions(), SlurmOptions()

@@ -2,8 +2,11 @@
 
 A Worker claims cells from the ledger and trains them one at a time — in this process, in child
 processes (`--workers N`) or on other machines (`chae-ablate worker`). Every failure of one cell
-fails that cell only (reason in the ledger and in MLflow) and the study goes on; only a lost
-server stops a worker, since no other cell could be recorded either.
+fails that cell only (reason in the ledger and in MLflow) and the study goes on. A worker that
+stops on purpose (Ctrl-C, SIGTERM, SLURM's preemption signal) or loses the MLflow store hands its
+cell back to the queue with its checkpoint; after an outage it waits for the store and goes on.
+One whose cell was taken over (ledger/claims.py) stops it and writes nothing more. Only a lost
+ledger stops a worker, since no cell could be claimed or recorded.
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from .data import Dataset, load_dataset
 from .errors import ChaeError
 from .figures import learning_curve
 from .files import inside
-from .ledger import Claim, Ledger, delete_study, lost_ledger, masked, recorded_versions, retrying, study_exists
+from .ledger import (Claim, Ledger, TakenOver, delete_study, lost_ledger, masked, recorded_versions, retrying,
+                     study_exists)
 from .metrics import Metric
 from .options import RunOptions
 from .records import CellRecord, CellState, PlannedCell
@@ -72,7 +76,7 @@ class StudySession:
 
 
 def open_session(study: Study, options: RunOptions, data: LoadedData | None = None) -> StudySession:
-    ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
+    ledger = Ledger(study.name, options.storage_url, **options.claim_settings)
     return StudySession(ledger, tracking.StudyLog(study.plan(), options.runs_dir),
                         data or LoadedData(options.runs_dir, options.bars))
 
@@ -93,8 +97,11 @@ class Worker:
         ledger, done = self.session.ledger, 0
         while True:
             claim = retrying(ledger.claim, self.cells)
+            self.record_given_up()
             if claim is None:
                 if retrying(ledger.active, self.cells):
+                    if not self.options.linger:
+                        return done  # nothing to claim: leave the rest to the workers training it
                     time.sleep(poll_s)  # others are running: wait, in case one of them dies
                     continue
                 if retrying(ledger.queue, needed_cells(self.study, ledger), retry_failed=False):
@@ -104,23 +111,40 @@ class Worker:
             if ledger.is_duplicate(claim):
                 claim.fail("duplicate of a cell another worker holds or finished; skipped")
                 continue
-            with claim.heartbeat():
-                result = self.run_cell(cell, claim)
+            try:
+                with claim.heartbeat():
+                    result = self.run_cell(cell, claim)
+            except TrackingLost as lost:
+                best_effort(claim.release, "lost the MLflow store")
+                notify(f"cell {cell.label}: {lost}; handed back to the queue, its checkpoint kept")
+                tracking.wait_for_server(notify)
+                continue
+            except BaseException as stop:  # Ctrl-C, SIGTERM or SLURM's signal (SystemExit), a lost ledger
+                best_effort(claim.release, type(stop).__name__)
+                notify(f"cell {cell.label}: stopped ({type(stop).__name__}); handed back to the queue, its "
+                       "checkpoint kept")
+                raise
             done += 1
             on_cell_done(cell, result)
 
+    def record_given_up(self) -> None:
+        """Cells whose workers died more than --retries times: failed in MLflow too, with the reason."""
+        for record in self.session.ledger.given_up():
+            best_effort(self.session.log.fail_cell, record.cell_hash, record.failure_reason)
+            notify(f"cell {record.variant} seed {record.seed}: failed, {record.failure_reason}")
+
     def run_cell(self, cell: Cell, claim: Claim) -> str:
-        """Train one claimed cell; returns 'done' or 'failed: reason'. Raises only when a server is
-        lost (then no other cell could be recorded either)."""
+        """Train one claimed cell; returns 'done', 'failed: reason' or 'taken over'. Raises
+        TrackingLost when the MLflow store stays away, ChaeError when the ledger is lost."""
         try:
-            summary = self.train(cell, EpochReporter(claim.report, claim.reported_epochs))
+            summary = self.train(cell, EpochReporter(claim.report, claim.reported_epochs, claim.confirm_held))
+            claim.complete(summary)
         except CellError as err:
-            _best_effort(claim.fail, err.reason)
+            best_effort(claim.fail, err.reason)
             return f"{CellState.FAILED}: {err.reason.splitlines()[0][:200] if err.reason else ''}"
-        except ChaeError:
-            _best_effort(claim.fail, "lost a server; rerun to resume")
-            raise
-        claim.complete(summary)
+        except TakenOver as err:
+            notify(f"cell {cell.label}: {err}; stopped here, writing nothing more")
+            return "taken over by another worker"
         return CellState.DONE
 
     def train(self, cell: Cell, reporter: EpochReporter) -> dict[str, float]:
@@ -128,7 +152,12 @@ class Worker:
         metrics. A failure is recorded on the run and raised as CellError (ChaeError when a server
         was lost); CellPruned when the reporter's pruner stops it."""
         checkpoints = checkpoint_dir(self.options, self.study, cell)
-        run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
+        try:
+            run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
+        except Exception as err:
+            if lost := tracking.lost_server(err):
+                raise TrackingLost(lost) from None
+            raise
         reporter.run = run
         try:
             data = self.session.data.get(cell.config.data, cell.config.model.resolution)
@@ -137,19 +166,28 @@ class Worker:
                 result = train_cell(config=cell.config, seed=cell.seed, data=data, device=self.device,
                                     checkpoint_dir=checkpoints, tracker=reporter, progress=self.options.bars,
                                     label=cell.label, compile_model=self.options.compile)
+            reporter.confirm_held()  # a cell taken over is finished by its new holder alone
             run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
             run.finish(result.summary(), resumed_from=result.resumed_from)
             return result.summary()
         except CellPruned as pruned:
-            _best_effort(run.prune, pruned.epoch)
+            best_effort(run.prune, pruned.epoch)
             raise
+        except TakenOver:
+            raise  # the run and the checkpoint are the new holder's now: write nothing
         except Exception as err:
-            lost = lost_ledger(err) or tracking.lost_server(err)
+            if lost := tracking.lost_server(err):
+                raise TrackingLost(lost) from None  # the run stays RUNNING; the cell's next holder continues it
+            lost = lost_ledger(err)
             reason = lost or (str(err) if isinstance(err, CellFailed) else f"{type(err).__name__}: {err}")
-            _best_effort(run.fail, reason)  # the server may be what was lost: a RUNNING run is failed later
+            best_effort(run.fail, reason)
             if lost:
                 raise ChaeError(f"cell {cell.label}: {lost}; its checkpoint is kept, rerun to resume") from None
             raise CellError(reason) from None
+
+
+class TrackingLost(Exception):
+    """The MLflow store stayed unavailable past tracking.patience_s(): the cell goes back to the queue."""
 
 
 class CellError(Exception):
@@ -168,7 +206,7 @@ class CellPruned(Exception):
         self.epoch = epoch
 
 
-def _best_effort(record, *args) -> None:
+def best_effort(record, *args) -> None:
     """Record on one side even when the other side's server was lost (a stale trial is re-queued,
     a RUNNING MLflow run is failed by the cell's next attempt)."""
     try:
@@ -179,10 +217,12 @@ def _best_effort(record, *args) -> None:
 
 class EpochReporter:
     """Sends each epoch to MLflow and its validation loss to the ledger (for pruners): report(epoch,
-    loss) returns True when the cell should stop; reported() lists the epochs the ledger has."""
+    loss) returns True when the cell should stop; reported() lists the epochs the ledger has;
+    confirm_held() raises TakenOver when another worker holds the cell now (train_cell asks before
+    it writes an epoch's checkpoint)."""
 
-    def __init__(self, report, reported):
-        self.report, self.reported, self.run = report, reported, None
+    def __init__(self, report, reported, confirm_held):
+        self.report, self.reported, self.confirm_held, self.run = report, reported, confirm_held, None
 
     def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
         self.run.log_missed_epochs(history)
@@ -295,7 +335,7 @@ def study_status(study: Study, options: RunOptions) -> Outcome:
     if not study_exists(study.name, options.storage_url):
         raise ChaeError(f"study {study.name}: not in the ledger {masked(options.storage_url)}; "
                         "start it first, or pass the --storage (and --runs-dir) it runs with")
-    ledger = Ledger(study.name, options.storage_url, options.heartbeat_s, options.grace_s)
+    ledger = Ledger(study.name, options.storage_url)
     return outcome(study.plan(), ledger.records())
 
 

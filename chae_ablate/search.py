@@ -22,17 +22,18 @@ from pathlib import Path
 
 import torch
 
-from . import versions
+from . import tracking, versions
 from .analysis import absolute_margin, outcome
 from .config import to_dict
 from .errors import ChaeError, ConfigError
-from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, delete_study, search_settings,
-                     study_names)
+from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, TakenOver, delete_study,
+                     search_settings, study_names)
 from .metrics import RANKING
 from .options import RunOptions
 from .records import CellState
-from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
-                     child_device, forget, notify, open_session, recorded, run_study, set_threads, stores)
+from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, TrackingLost, Worker, best_effort,
+                     admit, check_runs_dir, child_device, forget, notify, open_session, recorded, run_study,
+                     set_threads, stores)
 from .search_report import write_search_report
 from .space import Knob
 from .study import Study, Variant, cell_hash, config_key
@@ -136,8 +137,7 @@ def search_ledger(study: Study, options: RunOptions, curve: dict[int, float], ma
                   seed: int | None) -> SearchLedger:
     ledger = SearchLedger(trials_name(study, budget), options.storage_url, study.search.sampler, study.search.pruner,
                           seed=seed, budget=budget, curve=curve, margin=margin,
-                          epochs=study.baseline.config.protocol.epochs, heartbeat_s=options.heartbeat_s,
-                          grace_s=options.grace_s)
+                          epochs=study.baseline.config.protocol.epochs, **options.claim_settings)
     ledger.describe(search_settings_of(study, budget))
     return ledger
 
@@ -180,7 +180,7 @@ class Searcher:
         while True:
             queued, running = self.ledger.pending()
             if self.ledger.used() >= self.budget and not queued:
-                if not running:
+                if not running or not self.worker.options.linger:
                     return
                 time.sleep(self.poll_s)  # others' trials may die and come back to the queue
                 continue
@@ -200,10 +200,20 @@ class Searcher:
             if not trial.retry and self.ledger.used(before=trial.number) >= self.budget:
                 self.ledger.skip(trial, OVER_BUDGET, "the budget was used by other workers")
                 continue
-            self.ledger.accept(trial)
             rejected = 0
-            with self.ledger.heartbeat(trial):
-                self.train_trial(trial, config)
+            try:
+                self.ledger.accept(trial)
+                with self.ledger.heartbeat(trial):
+                    self.train_trial(trial, config)
+            except TakenOver as err:
+                notify(f"search trial {trial.number}: {err}; stopped here, writing nothing more")
+            except TrackingLost as lost:
+                best_effort(self.ledger.release, trial, "lost the MLflow store")
+                notify(f"search trial {trial.number}: {lost}; handed back to the queue, its checkpoints kept")
+                tracking.wait_for_server(notify)
+            except BaseException as stop:  # Ctrl-C, SIGTERM or SLURM's signal, a lost ledger
+                best_effort(self.ledger.release, trial, type(stop).__name__)
+                raise
 
     def random_feasible(self, tries: int = 200) -> dict | None:
         """A uniformly drawn combination the builder accepts (None if none turns up in `tries`)."""
@@ -224,7 +234,8 @@ class Searcher:
             cell = self.base.cell(variant, seed)  # the study's rules (vary_split) apply to trials too
             first = i == 0  # the pruner judges the first seed's curve
             reporter = EpochReporter(lambda epoch, loss: first and self.ledger.report(trial, epoch, loss),
-                                     lambda: self.ledger.reported_epochs(trial) if first else set())
+                                     lambda: self.ledger.reported_epochs(trial) if first else set(),
+                                     lambda: self.ledger.confirm_held(trial))
             try:
                 values.append(self.worker.train(cell, reporter)[RANKING])
             except CellPruned as pruned:

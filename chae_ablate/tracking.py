@@ -4,7 +4,10 @@ One experiment per study, one parent run per study and one nested run per cell. 
 carry their epoch as the step. A cell that resumes after a crash continues its own run, so MLflow
 ends with one run per cell; an attempt that cannot be continued is marked FAILED, never left RUNNING.
 Only this module imports mlflow. It uses MlflowClient throughout (no global active run), so worker
-processes and threads never share state.
+processes and threads never share state. Every call is retried with backoff while the store is
+unavailable for a moment (a busy sqlite file, a tracking server restarting or answering 5xx), for
+up to patience_s(); past that the error says the server was lost (lost_server), and the runner
+hands the cell back to the queue and waits for the server (wait_for_server).
 """
 from __future__ import annotations
 
@@ -12,13 +15,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +30,7 @@ import pandas as pd
 import requests
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 
@@ -46,6 +51,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # the U
 UI_VIEW = "?workflowType=machine_learning"  # opens the runs table whatever the browser last chose
 SYSTEM_METRICS_S = 10.0  # seconds between system-metrics samples of a training cell
 PARENT_SETTLE_S = 2.0  # how long a worker that created a parent run waits for racing ones
+PATIENCE_S = 60  # how long one call is retried while the store is unavailable (CHAE_TRACKING_PATIENCE_S)
+OUTAGE_WAIT_S = 1800  # how long a worker waits for a lost store to come back (CHAE_TRACKING_OUTAGE_WAIT_S)
 
 
 def tracking_uri() -> str:
@@ -59,10 +66,51 @@ def tracking_uri() -> str:
     return uri
 
 
-def _client(create: bool = True):
-    """An MlflowClient on tracking_uri(). A local sqlite store is created (tables included) under
-    a file lock, so any number of processes starting at once on a fresh folder take turns instead
-    of racing in MLflow's schema migration; with create=False a missing store is a ChaeError."""
+def patience_s() -> float:
+    return float(os.environ.get("CHAE_TRACKING_PATIENCE_S", PATIENCE_S))
+
+
+def transient(err: BaseException) -> bool:
+    """An error of a store that is unavailable for now: sqlite's busy timeout (TEMPORARILY_UNAVAILABLE),
+    a server that refuses connections, times out or keeps answering 5xx."""
+    if isinstance(err, MlflowException) and err.error_code == "TEMPORARILY_UNAVAILABLE":
+        return True
+    if isinstance(err, MlflowException) and re.search(r"failed with error code 5\d\d ", str(err)):
+        return True  # a bare 5xx (a proxy's, a restarting server's), after MLflow's own retries
+    cause = err.__cause__ or err.__context__
+    return isinstance(cause, (requests.ConnectionError, requests.Timeout, requests.exceptions.RetryError))
+
+
+def patiently(call, *args, **kwargs):
+    """call(*args, **kwargs), retried after 1, 2, 4, 8, 10, 10 ... s while the store is unavailable,
+    for up to patience_s()."""
+    deadline, delay = time.monotonic() + patience_s(), 1.0
+    while True:
+        try:
+            return call(*args, **kwargs)
+        except Exception as err:
+            if not transient(err) or time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
+class PatientClient:
+    """An MlflowClient whose every call is retried while the store is unavailable (patiently)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        return partial(patiently, attr) if callable(attr) else attr
+
+
+def _client(create: bool = True) -> MlflowClient:
+    """An MlflowClient on tracking_uri(), patient with a store that is unavailable for a moment. A
+    local sqlite store is created (tables included) under a file lock, so any number of processes
+    starting at once on a fresh folder take turns instead of racing in MLflow's schema migration;
+    with create=False a missing store is a ChaeError."""
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")  # fail within seconds, not minutes
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     for name in ("alembic", "mlflow.store.db.utils"):
@@ -73,9 +121,9 @@ def _client(create: bool = True):
         raise ChaeError(f"no MLflow store at {database}; run a study here first (chae-ablate run STUDY.yaml) "
                         "or set MLFLOW_TRACKING_URI")
     if database is None:
-        return MlflowClient(tracking_uri=uri)
+        return PatientClient(MlflowClient(tracking_uri=uri))
     with file_lock(database.with_name(f".{database.name}.lock")):
-        return MlflowClient(tracking_uri=uri)  # creates the store: tables, migrations, default experiment
+        return PatientClient(patiently(MlflowClient, tracking_uri=uri))  # creates the store: tables, migrations
 
 
 def check_tracking_server() -> None:
@@ -91,11 +139,31 @@ def check_tracking_server() -> None:
 
 
 def lost_server(err: Exception) -> str | None:
-    """What a tracking server that stopped answering (after MLflow's own retries) says, else None."""
+    """What a store that stayed unavailable past our patience says, else None."""
+    if not transient(err):
+        return None
     cause = err.__cause__ or err.__context__
-    if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
-        return f"lost the MLflow tracking server {tracking_uri()} ({type(cause).__name__})"
-    return None
+    return (f"lost the MLflow store {tracking_uri()} for over {patience_s():g} s "
+            f"({type(cause).__name__ if cause else str(err).splitlines()[0][:120]})")
+
+
+def wait_for_server(say) -> None:
+    """Wait, retrying with backoff, until the MLflow store answers again; ChaeError after
+    OUTAGE_WAIT_S (CHAE_TRACKING_OUTAGE_WAIT_S). say(line) tells the person waiting."""
+    limit = float(os.environ.get("CHAE_TRACKING_OUTAGE_WAIT_S", OUTAGE_WAIT_S))
+    deadline, delay = time.monotonic() + limit, 2.0
+    say(f"waiting for the MLflow store {tracking_uri()} to answer again (up to {limit:g} s)")
+    while True:
+        try:
+            MlflowClient(tracking_uri=tracking_uri()).search_experiments(max_results=1)
+            say(f"the MLflow store {tracking_uri()} answers again; going on")
+            return
+        except Exception as err:
+            if not transient(err) or time.monotonic() + delay > deadline:
+                raise ChaeError(f"the MLflow store {tracking_uri()} did not come back within {limit:g} s; "
+                                "restart it, then rerun (every checkpoint is kept)") from None
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
 
 
 @cache
@@ -196,6 +264,12 @@ class StudyLog:
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return CellRun(self.client, run.info.run_id, set())
 
+    def fail_cell(self, cell_hash: str, reason: str) -> None:
+        """Mark the cell's unfinished runs FAILED with `reason` (a cell given up on: its workers kept dying)."""
+        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell_hash}'"):
+            if run.info.status in ("RUNNING", "SCHEDULED"):
+                CellRun(self.client, run.info.run_id, set()).fail(reason)
+
     def finish(self, ok: bool = True) -> None:
         """End the parent run, FINISHED or FAILED (best effort when failed: the server may be what was lost)."""
         try:
@@ -242,7 +316,7 @@ class CellRun:
     def system_metrics(self, interval_s: float | None = None) -> Iterator[None]:
         """MLflow's own system-metrics sampler (CPU, memory and, with an NVIDIA GPU, its utilisation
         and memory) logging to this run while the block runs, so `mlflow ui` shows a starved GPU."""
-        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)  # its failed samples during an outage
         monitor = SystemMetricsMonitor(self.run_id, sampling_interval=interval_s or SYSTEM_METRICS_S,
                                        resume_logging=bool(self.logged),
                                        tracking_uri=tracking_uri())

@@ -37,11 +37,15 @@ CHECKPOINT_FORMAT = 2  # 2: tensors and plain data only (weights_only=True)
 
 class Tracker(Protocol):
     def log_missed_epochs(self, history: list[dict[str, float]]) -> None: ...
+    def confirm_held(self) -> None: ...  # raises when this worker may no longer write the cell (taken over)
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None: ...
 
 
 class NullTracker:
     """Logs nothing: for tests and dry runs."""
+
+    def confirm_held(self) -> None:
+        pass
 
     def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
         pass
@@ -143,6 +147,7 @@ def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: to
                           "best_state": {k: v.detach().clone() for k, v in model.state_dict().items()}})
         state[Metric.WALL_TIME_S] += time.perf_counter() - started
         started = time.perf_counter()
+        tracker.confirm_held()  # a cell another worker took over is its checkpoint no longer ours to write
         _save_checkpoint(checkpoint_dir, model, optimizer, state)
         tracker.log_epoch(epoch, metrics)
     if state["best_state"] is None:

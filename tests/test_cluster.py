@@ -58,6 +58,41 @@ def test_submit_says_where(workdir):
     assert result.exit_code == 1 and "--slurm" in result.output
 
 
+def test_an_array_is_refused_a_local_mlflow_store_with_the_fix(workdir, monkeypatch, capsys):
+    """Many nodes writing one sqlite file on a shared filesystem: MLflow's busy timeout failed cells.
+    submit names the fix (a tracking server) before anything is queued; --local-tracking accepts
+    the risk with a warning; one task, or a tracking server, needs neither."""
+    from chae_ablate.cluster import refuse_local_tracking
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--array", "3"])
+    assert result.exit_code == 1 and "--local-tracking" in result.output, result.output
+    assert "mlflow server --backend-store-uri" in result.output and "MLFLOW_TRACKING_URI" in result.output
+    assert not (workdir / "runs").exists()  # refused before anything was written
+    refuse_local_tracking(SlurmOptions(array=3, local_tracking=True))
+    assert "warning: 3 tasks will write the local MLflow store" in capsys.readouterr().err
+    refuse_local_tracking(SlurmOptions(array=1))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking:5000")
+    refuse_local_tracking(SlurmOptions(array=3))
+
+
+def test_sigterm_is_taken_as_slurms_preemption_signal():
+    """Clusters without preempt_send_user_signal preempt with SIGTERM, which submitit ignored (then
+    SIGKILL, no requeue): an array task hands SIGTERM to the handler submitit set for SIGUSR2."""
+    import signal
+
+    from chae_ablate.cluster import preempt_on_sigterm
+    saved = signal.getsignal(signal.SIGUSR2), signal.getsignal(signal.SIGTERM)
+    calls = []
+    try:
+        signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
+        preempt_on_sigterm()
+        signal.raise_signal(signal.SIGTERM)
+        assert calls == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGUSR2, saved[0])
+        signal.signal(signal.SIGTERM, saved[1])
+
+
 def test_status_lists_cells_and_who_holds_the_running_one(workdir):
     result = cli.invoke(app, ["status", str(TINY)])
     assert result.exit_code == 1 and "not in the ledger" in result.output
@@ -66,7 +101,7 @@ def test_status_lists_cells_and_who_holds_the_running_one(workdir):
     from chae_ablate.study import load_study
     study = load_study(TINY)
     plan = study.plan()
-    ledger = Ledger(study.name, f"sqlite:///{(workdir / 'runs' / 'optuna.db').resolve()}", 5, 15)
+    ledger = Ledger(study.name, f"sqlite:///{(workdir / 'runs' / 'optuna.db').resolve()}")
     ledger.queue(plan.cells)
     hashes = {c.cell_hash for c in plan.cells}
     ledger.claim(hashes).complete({"best_val_loss": 0.5, "test_acc": 0.75})
@@ -113,7 +148,7 @@ def on_slurm(slurm_env, workdir, monkeypatch):
 def submitted(*args: str) -> str:
     """Run `chae-ablate submit ... --slurm` for CPU tasks; returns the array's job id."""
     result = cli.invoke(app, ["submit", *args, "--slurm", "--partition", "debug", "--gpus-per-task", "0",
-                              "--cpus-per-task", "1", "--time", "20"])
+                              "--cpus-per-task", "1", "--time", "20", "--local-tracking"])  # one node here
     assert result.exit_code == 0, result.output
     match = re.search(r"submitted job array (\d+) \((\d+) tasks", result.output)
     assert match, result.output
@@ -142,7 +177,7 @@ def task_logs(folder: Path) -> str:
 
 def ledger_trials(folder: Path, name: str) -> list:
     from chae_ablate.ledger.storage import open_study
-    return open_study(name, f"journal:{folder / 'runs' / 'ledger.journal'}", 5, 15).get_trials()
+    return open_study(name, f"journal:{folder / 'runs' / 'ledger.journal'}").get_trials()
 
 
 def cell_runs(name: str) -> list:
@@ -152,7 +187,8 @@ def cell_runs(name: str) -> list:
 
 
 def test_what_sbatch_refuses_is_one_line_with_a_hint(on_slurm):
-    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "debug"])  # 1 GPU per task, none here
+    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "debug",  # 1 GPU per task, none here
+                              "--local-tracking"])
     assert result.exit_code == 1 and "sbatch refused the job array" in result.output
     assert "for CPU tasks pass --gpus-per-task 0" in result.output and "Traceback" not in result.output
     result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "nope", "--gpus-per-task", "0"])
@@ -187,13 +223,13 @@ def test_a_job_array_trains_every_cell_once_and_writes_the_report(on_slurm):
 
 @pytest.mark.slow
 def test_a_preempted_task_is_requeued_and_its_cell_resumes_from_its_checkpoint(on_slurm):
-    """SLURM's preemption signal (what submitit's Job._interrupt sends) to the one task of an array,
-    mid-cell: submitit requeues the task, and the requeued task (a new process: nobody else is
-    left) re-queues the silent cell after the grace period and resumes it from its epoch
-    checkpoint, continuing its MLflow run; nothing runs twice. (With more tasks, whichever is free
-    first resumes it.)"""
+    """A preemption that arrives as SIGTERM alone (a cluster without preempt_send_user_signal;
+    submitit ignored it, then SIGKILL ended the task without a requeue) to the one task of an
+    array, mid-cell: the task is requeued, its worker hands the cell back to the queue at once, and
+    the requeued task resumes it from its epoch checkpoint, continuing its MLflow run; nothing runs
+    twice. (With more tasks, whichever is free first resumes it.)"""
     (on_slurm / "preempt.yaml").write_text(slow_study("preempt"))
-    job = submitted("preempt.yaml", "--array", "1", "--seeds", "0,1", "--heartbeat", "1", "--grace", "5")
+    job = submitted("preempt.yaml", "--array", "1", "--seeds", "0,1")
     checkpoints = on_slurm / "runs" / "checkpoints" / "preempt"
 
     def holder() -> tuple[str, str] | None:
@@ -205,8 +241,7 @@ def test_a_preempted_task_is_requeued_and_its_cell_resumes_from_its_checkpoint(o
         return None
     wait_for(lambda: holder() is not None, 240, f"a cell past its first epoch:\n{task_logs(on_slurm)}")
     cell, task = holder()
-    for signal in ("SIGTERM", "USR2"):  # what a preemption sends (submitit's Job._interrupt)
-        subprocess.run(["scancel", "--signal", signal, task], check=True)
+    subprocess.run(["scancel", "--signal", "SIGTERM", task], check=True)
     wait_for(lambda: not squeue(job), 420, f"job array {job} to leave the queue:\n{task_logs(on_slurm)}")
     logs = task_logs(on_slurm)
     assert "this job is preempted" in logs and logs.count("Starting with JobEnvironment") == 2, logs
@@ -261,7 +296,7 @@ def test_a_search_runs_on_a_job_array_led_by_task_0(on_slurm):
     from chae_ablate.search import trials_name
     from chae_ablate.study import load_study
     study = load_study(on_slurm / "search.yaml")
-    trials = open_study(trials_name(study, study.search.trials), f"journal:{on_slurm / 'runs' / 'ledger.journal'}",
-                        5, 15).get_trials()
+    trials = open_study(trials_name(study, study.search.trials),
+                        f"journal:{on_slurm / 'runs' / 'ledger.journal'}").get_trials()
     assert sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) == 4  # the budget, exactly
     assert (on_slurm / "reports" / "slurmsearch-search" / "report.md").exists()  # written by task 0

@@ -27,7 +27,6 @@ import pytest
 from typer.testing import CliRunner
 
 from chae_ablate.cli import app
-from chae_ablate.options import RUN_DEFAULTS
 
 from conftest import STUDIES, slow_study
 
@@ -293,7 +292,7 @@ def _open_at(url: str, start, failures) -> None:
     from chae_ablate.ledger.storage import open_study
     start.wait()
     try:
-        open_study("race", url, RUN_DEFAULTS.heartbeat_s, RUN_DEFAULTS.grace_s)
+        open_study("race", url)
     except BaseException as err:  # noqa: BLE001 - every failure is the finding
         failures.put(str(err))
 

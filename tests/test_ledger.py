@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -12,8 +13,9 @@ from optuna.storages import BaseStorage
 
 from chae_ablate.errors import ChaeError
 from chae_ablate.ledger import Ledger, journal_file, masked, recorded_versions, storage_url, study_exists
-from chae_ablate.ledger.storage import LEASE, internals
-from chae_ablate.options import RUN_DEFAULTS
+from chae_ablate.ledger import DEFAULTS, TakenOver
+from chae_ablate.ledger.claims import BEAT, DEATHS, HOLDER, Watch
+from chae_ablate.ledger.storage import internals
 from chae_ablate.records import CellState, PlannedCell
 from chae_ablate.study import load_study
 
@@ -23,8 +25,8 @@ STORAGES = {"sqlite": lambda tmp: f"sqlite:///{tmp / 'o.db'}", "journal": lambda
 storages = pytest.mark.parametrize("make_url", STORAGES.values(), ids=STORAGES.keys())
 
 
-def open_ledger(name: str, url: str, grace_s: int = RUN_DEFAULTS.grace_s) -> Ledger:
-    return Ledger(name, url, RUN_DEFAULTS.heartbeat_s, grace_s)
+def open_ledger(name: str, url: str, **settings) -> Ledger:
+    return Ledger(name, url, **settings)
 
 
 def planned(study) -> list[PlannedCell]:
@@ -111,20 +113,211 @@ def test_versions_are_kept_with_the_study(tmp_path, make_url):
     assert sorted(v["fingerprint"] for v in recorded_versions("tiny", url)) == ["abc", "def"]
 
 
+class one_cell:
+    """A study of a single cell (the baseline, seed 0), as far as the ledger sees it."""
+
+    def __init__(self):
+        self.study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": [0]})
+        self.name = self.study.name
+
+    def plan(self):
+        plan = self.study.plan()
+        return replace(plan, cells=plan.cells[:1])
+
+
+def dead_pid() -> int:
+    """The PID of a process of this machine that has exited (and been reaped)."""
+    import subprocess
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def die(ledger: Ledger, claim) -> None:
+    """As if the claim's worker process had been killed: its holder names a process that is gone."""
+    machine, _, token = claim.holder.split("/")
+    claim.holder = f"{machine}/{dead_pid()}/{token}"
+    internals(ledger.study)[0].set_trial_user_attr(claim._id, HOLDER, claim.holder)
+
+
 @storages
-def test_a_claim_taken_over_after_late_heartbeats_records_nothing(tmp_path, make_url):
-    """Under heavy load a live worker's heartbeats can be late: its trial is failed as stale and
-    re-queued. The worker finishing later must not crash (it crashed a --workers 2 run in CI)."""
-    study = load_study(STUDIES / "synthetic-tiny.yaml")
-    ledger = open_ledger(study.name, make_url(tmp_path))
+def test_a_claim_taken_over_stops_and_records_nothing(tmp_path, make_url):
+    """A live worker whose cell was re-queued (its heartbeats went unseen) must notice at its next
+    write and write nothing: it used to train to the end and finish the cell a second time."""
+    study = one_cell()
+    url = make_url(tmp_path)
+    first, second = open_ledger(study.name, url), open_ledger(study.name, url)
+    first.queue(planned(study))
+    claim = first.claim(hashes(study))
+    die(first, claim)  # looks dead to an observer on this machine, but goes on
+    taken = second.claim(hashes(study))
+    assert taken is not None and taken.cell_hash == claim.cell_hash and taken.number != claim.number
+    with pytest.raises(TakenOver):
+        claim.confirm_held()
+    with pytest.raises(TakenOver):
+        claim.report(1, 0.9)
+    with pytest.raises(TakenOver):
+        claim.complete({"best_val_loss": 0.5})
+    claim.fail("late")  # records nothing either
+    taken.report(1, 0.8)
+    taken.complete({"best_val_loss": 0.4})
+    record = {r.cell_hash: r for r in second.records()}[claim.cell_hash]
+    assert record.state == CellState.DONE and record.metrics["best_val_loss"] == 0.4
+    trials = second.study.get_trials()
+    assert trials[claim.number].intermediate_values == {} and "late" not in str(trials[claim.number].user_attrs)
+
+
+@storages
+def test_a_requeued_cell_inherits_no_lease_of_its_dead_holder(tmp_path, make_url):
+    """Three workers: the first dies holding a cell, the second re-queues and claims it, the third
+    polls at once. The copy used to carry the dead holder's lease, so the third failed it again and
+    claimed it too: one cell trained by two live workers."""
+    study = one_cell()
+    url = make_url(tmp_path)
+    workers = [open_ledger(study.name, url) for _ in range(3)]
+    workers[0].queue(planned(study))
+    dead = workers[0].claim(hashes(study))
+    with dead.heartbeat():
+        time.sleep(0.2)
+    die(workers[0], dead)
+    second = workers[1].claim(hashes(study))
+    assert second is not None and second.cell_hash == dead.cell_hash
+    copy = workers[1].study.get_trials()[second.number]
+    assert copy.user_attrs[HOLDER] == second.holder and BEAT not in copy.user_attrs  # nothing of the dead holder's
+    assert copy.user_attrs[DEATHS] == 1
+    for _ in range(3):
+        assert workers[2].claim(hashes(study)) is None  # the third finds nothing to take
+    second.confirm_held()
+    second.complete({"best_val_loss": 0.4})
+    states = [t.state.name for t in workers[2].study.get_trials()]
+    assert states == ["FAIL", "COMPLETE"]
+
+
+def test_silence_is_judged_by_the_observers_own_clock(tmp_path):
+    """A holder is stale only once this process has watched its beat stand still for the grace
+    period: an observer whose wall clock runs 40 s ahead (a skewed cluster node) used to fail every
+    live worker's cell, judged against leases written by the others' clocks."""
+    study = one_cell()
+    url = f"journal:{tmp_path / 'o.journal'}"
+    holder = open_ledger(study.name, url, heartbeat_s=1, grace_s=10)
+    holder.queue(planned(study))
+    claim = holder.claim(hashes(study))
+    skewed = open_ledger(study.name, url)
+    real_time = time.time
+    try:
+        time.time = lambda: real_time() + 40  # the observer's wall clock is 40 s ahead
+        with claim.heartbeat():
+            for _ in range(4):
+                skewed.recover()
+                time.sleep(0.5)
+    finally:
+        time.time = real_time
+    claim.confirm_held()  # still this worker's
+    now = [0.0]
+    watch = Watch(10, clock=lambda: now[0])  # an observer's own monotonic clock, driven by hand
+    trial = holder.study.get_trials()[claim.number]
+    assert not watch.silent(trial)  # first seen: not judged
+    now[0] = 9.5
+    assert not watch.silent(trial)
+    now[0] = 10.5
+    assert watch.silent(trial)  # 10.5 s of watching a beat that stood still
+    beaten = optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING, user_attrs={**trial.user_attrs, BEAT: 99})
+    beaten._trial_id = trial._trial_id
+    assert not watch.silent(beaten)  # it moved: the watch starts again
+
+
+@storages
+def test_a_cell_whose_workers_keep_dying_fails_after_the_retries(tmp_path, make_url):
+    """A cell that kills its process (host OOM) was re-queued forever; now after --retries deaths it
+    fails with the reason, and the worker that gave up reports it (for MLflow and the report)."""
+    study = one_cell()
+    url = make_url(tmp_path)
+    ledger = open_ledger(study.name, url, retries=2)
+    ledger.queue(planned(study))
+    claims = 0
+    while (claim := ledger.claim(hashes(study))) is not None:
+        claims += 1
+        die(ledger, claim)
+    assert claims == 3  # the first attempt and 2 retries
+    given_up = ledger.given_up()
+    assert [r.state for r in given_up] == [CellState.FAILED]
+    assert "died 3 times" in given_up[0].failure_reason and "--retries 2" in given_up[0].failure_reason
+    record = {r.cell_hash: r for r in ledger.records()}[given_up[0].cell_hash]
+    assert record.state == CellState.FAILED and "died 3 times" in record.failure_reason
+    assert ledger.queue(planned(study), retry_failed=False) == 0 and ledger.queue(planned(study)) == 1  # a rerun retries
+
+
+@storages
+def test_a_released_cell_goes_back_at_once_and_counts_no_death(tmp_path, make_url):
+    study = one_cell()
+    ledger = open_ledger(study.name, make_url(tmp_path), retries=0)
     ledger.queue(planned(study))
     claim = ledger.claim(hashes(study))
-    ledger.study.tell(claim._trial, state=optuna.trial.TrialState.FAIL)  # as fail_stale_trials does
-    claim.report(1, 0.9)
+    claim.release("preempted")
+    again = ledger.claim(hashes(study))
+    assert again is not None and again.cell_hash == claim.cell_hash
+    assert ledger.study.get_trials()[again.number].user_attrs.get(DEATHS) == 0
+
+
+def test_claim_settings_are_checked_and_kept_with_the_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'o.db'}"
+    with pytest.raises(ChaeError, match="--grace 5: must be at least 3 x --heartbeat"):
+        open_ledger("s", url, heartbeat_s=2, grace_s=5)
+    first = open_ledger("s", url, heartbeat_s=2, grace_s=7)
+    assert (first.settings.heartbeat_s, first.settings.grace_s, first.settings.retries) == (2, 7, 3)
+    assert open_ledger("s", url).settings == first.settings  # a joining worker uses the study's own
+    with pytest.raises(ChaeError, match="--grace 30: study s keeps grace 7"):
+        open_ledger("s", url, grace_s=30)
+    journal = open_ledger("j", f"journal:{tmp_path / 'j.journal'}")
+    assert journal.settings == DEFAULTS["journal"]
+    with pytest.raises(ChaeError, match="on a journal ledger must be at least 10 s"):
+        open_ledger("k", f"journal:{tmp_path / 'j.journal'}", heartbeat_s=1, grace_s=3)
+
+
+def test_journal_heartbeats_stay_under_a_megabyte_per_worker_day(tmp_path):
+    """Each beat appends a record to a journal that every new process replays: at the journal's
+    default interval a worker-day of beats must stay small (leases grew it by 78 MB per 16 workers
+    over 48 h)."""
+    study = one_cell()
+    path = tmp_path / "o.journal"
+    ledger = open_ledger(study.name, f"journal:{path}")
+    ledger.queue(planned(study))
+    claim = ledger.claim(hashes(study))
+    storage, trial_id = internals(ledger.study, claim._trial)
+    before = path.stat().st_size
+    for beat in range(1000, 1100):  # large counters: the records of a long-held cell
+        storage.set_trial_user_attr(trial_id, BEAT, beat * 1000)
+    per_beat = (path.stat().st_size - before) / 100
+    per_day = per_beat * 86400 / DEFAULTS["journal"].heartbeat_s
+    assert per_day < 1e6, f"{per_beat:.0f} bytes a beat: {per_day / 1e6:.2f} MB a worker-day"
+
+
+def test_a_torn_last_journal_record_is_cut_off_and_the_study_goes_on(tmp_path):
+    """A writer killed mid-append leaves half a record with no newline; Optuna appended the next
+    record after it, and from then on every open of the ledger raised JSONDecodeError."""
+    study = one_cell()
+    path = tmp_path / "o.journal"
+    url = f"journal:{path}"
+    open_ledger(study.name, url).queue(planned(study))
+    whole = path.read_bytes()
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"dead","trial_id":0,"sta')  # torn by a kill
+    with pytest.warns(UserWarning, match="cut off a torn last record"):
+        claim = open_ledger(study.name, url).claim(hashes(study))
+    assert claim is not None
     claim.complete({"best_val_loss": 0.5})
-    claim.fail("late")
-    record = {r.cell_hash: r for r in ledger.records()}[claim.cell_hash]
-    assert record.state == CellState.FAILED and record.failure_reason == ""
+    assert path.read_bytes().startswith(whole) and path.read_bytes().endswith(b"\n")
+    assert [r.state for r in open_ledger(study.name, url).records()] == [CellState.DONE]
+
+
+def test_a_journal_damaged_inside_is_one_line_naming_the_file(tmp_path):
+    study = one_cell()
+    path = tmp_path / "o.journal"
+    open_ledger(study.name, f"journal:{path}").queue(planned(study))
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:1] + [b'{"op_code":5,"wor' + lines[1]] + lines[2:]))  # an old torn record, appended to
+    with pytest.raises(ChaeError, match=f"ledger journal {path}: a record is damaged"):
+        open_ledger(study.name, f"journal:{path}").records()
 
 
 def _claim_all(url: str, out) -> None:
@@ -156,32 +349,6 @@ def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path, make_url):
     assert sorted(claimed) == list(range(60))  # every cell claimed exactly once
 
 
-def test_journal_leases_return_a_silent_workers_cell_to_the_queue(tmp_path):
-    """The journal storage has no heartbeats: a claimed trial's lease, renewed by the Heartbeat
-    thread, is what a killed worker stops renewing; after the grace period the next claim fails
-    the trial and claims its re-queued copy (same cell)."""
-    study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": [0]})
-    url = f"journal:{tmp_path / 'o.journal'}"
-    alive, other = Ledger(study.name, url, 1, 2), Ledger(study.name, url, 1, 2)  # heartbeat 1 s, grace 2 s
-    alive.queue(planned(study))
-    held = alive.claim(hashes(study))
-    with held.heartbeat():
-        time.sleep(3)  # longer than the grace period, but the lease is renewed
-        renewed = other.claim(hashes(study))
-        assert renewed is not None and renewed.cell_hash != held.cell_hash
-    assert alive.study.get_trials()[held.number].user_attrs[LEASE] > time.time() - 2
-    time.sleep(2.5)  # silent now, as a killed worker
-    retaken = other.claim(hashes(study))
-    assert retaken is not None and retaken.cell_hash == held.cell_hash
-    states = {t.number: t.state for t in other.study.get_trials()}
-    assert states[held.number] == optuna.trial.TrialState.FAIL
-    assert states[retaken.number] == optuna.trial.TrialState.RUNNING
-    held.complete({"best_val_loss": 0.5})  # the silent worker, back late: records nothing
-    retaken.complete({"best_val_loss": 0.4})
-    record = {r.cell_hash: r for r in other.records()}[held.cell_hash]
-    assert record.state == CellState.DONE and record.metrics["best_val_loss"] == 0.4
-
-
 def test_journal_urls():
     assert journal_file("sqlite:///x.db") is None
     assert journal_file("journal:runs/l.journal") == (Path.cwd() / "runs" / "l.journal")
@@ -209,7 +376,7 @@ def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch, lost
         return real(*args, **kwargs)
 
     monkeypatch.setattr(storage, "RDBStorage", rdb)
-    study = storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db", 5, 15)
+    study = storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db")
     assert study.study_name == "race" and len(calls) == 2
 
     def refused(*args, **kwargs):
@@ -217,4 +384,4 @@ def test_a_worker_that_loses_the_schema_race_retries(tmp_path, monkeypatch, lost
 
     monkeypatch.setattr(storage, "RDBStorage", refused)
     with pytest.raises(ChaeError, match="cannot open the Optuna storage .*permission denied"):
-        storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db", 5, 15)
+        storage.open_study("race", f"sqlite:///{tmp_path}/optuna.db")

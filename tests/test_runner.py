@@ -16,7 +16,7 @@ from chae_ablate.cli import app
 from chae_ablate.data import load_dataset
 from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study, study_from_dict
-from chae_ablate.train import train_cell
+from chae_ablate.train import NullTracker, train_cell
 
 from conftest import STUDIES, slow_study, chae as cli
 
@@ -91,7 +91,7 @@ def test_same_seed_gives_identical_metrics_and_resume_matches(workdir):
     class Crash(Exception):
         pass
 
-    class CrashAfterEpoch2:
+    class CrashAfterEpoch2(NullTracker):
         def log_missed_epochs(self, history):
             self.restored = len(history)
 

@@ -2,23 +2,22 @@
 
 A trial carries its cell's hash, variant and seed as user attributes, and the worker holding it.
 Workers — in this process, in child processes or on other machines — claim WAITING trials
-atomically, and only the cells of their own plan, so no cell runs twice and a worker of one
-version of a study never trains another version's cells. Trials are translated into
-records.CellRecord here; nothing above this module holds an Optuna object.
+atomically (the protocol: claims.py), and only the cells of their own plan, so no cell runs twice
+and a worker of one version of a study never trains another version's cells. Trials are
+translated into records.CellRecord here; nothing above this module holds an Optuna object.
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection, Iterable
 
 import optuna
 from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..metrics import RANKING, SUMMARY_METRICS
 from ..records import CellRecord, CellState, PlannedCell
-from .storage import (ACTIVE, Heartbeat, heartbeat, internals, open_study, recover_stale, retrying,
-                      study_attrs, worker_name, writer_lock)
+from .claims import REASON, WORKER, ClaimedStudy, Heartbeat, TakenOver, taken_over
+from .storage import ACTIVE, internals, retrying, study_attrs, writer_lock
 
 STATES = {TrialState.WAITING: CellState.QUEUED, TrialState.RUNNING: CellState.RUNNING,
           TrialState.COMPLETE: CellState.DONE, TrialState.FAIL: CellState.FAILED,
@@ -26,12 +25,13 @@ STATES = {TrialState.WAITING: CellState.QUEUED, TrialState.RUNNING: CellState.RU
 VERSION = "version."  # study user attribute prefix: one light record per version of the study (versions.py)
 
 
-class Ledger:
+class Ledger(ClaimedStudy):
     """The Optuna study that queues one ablation study's cells."""
 
-    def __init__(self, study_name: str, url: str, heartbeat_s: int, grace_s: int):
-        self.study = open_study(study_name, url, heartbeat_s, grace_s)
-        self.name, self.url, self.heartbeat_s, self.grace_s = study_name, url, heartbeat_s, grace_s
+    def given_up(self) -> list[CellRecord]:
+        """The cells this worker failed for good since the last call (their workers kept dying)."""
+        found, self._given_up = self._given_up, []
+        return [_record(t) for t in found]
 
     def _trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
         return self.study.get_trials(deepcopy=False, states=states)
@@ -39,7 +39,7 @@ class Ledger:
     def queue(self, cells: Iterable[PlannedCell], retry_failed: bool = True) -> int:
         """Enqueue every cell that is neither finished, queued nor running (nor failed, unless
         retry_failed: a rerun retries failed cells, a running study does not); returns how many."""
-        recover_stale(self.study, self.grace_s)  # dead workers' cells go back to the queue
+        self.recover()  # dead workers' cells go back to the queue
         done = (TrialState.COMPLETE, *ACTIVE) + (() if retry_failed else (TrialState.FAIL,))
         covered = {t.user_attrs.get("cell_hash") for t in self._trials() if t.state in done}
         missing = [c for c in cells if c.cell_hash not in covered]
@@ -51,7 +51,7 @@ class Ledger:
     def claim(self, hashes: Collection[str]) -> Claim | None:
         """Atomically move one WAITING trial of these cells to RUNNING (as Study.ask does, but never
         samples a new one); stale trials of dead workers are re-queued first. The claim names its worker."""
-        recover_stale(self.study, self.grace_s)
+        self.recover()
         with writer_lock(self.url):
             for frozen in self._trials(states=(TrialState.WAITING,)):
                 if frozen.user_attrs.get("cell_hash") not in hashes:
@@ -59,8 +59,7 @@ class Ledger:
                 storage, trial_id = internals(self.study, frozen)
                 try:
                     if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                        storage.set_trial_user_attr(trial_id, "worker", worker_name())
-                        return Claim(self, Trial(self.study, trial_id))
+                        return Claim(self, Trial(self.study, trial_id), self.hold(trial_id))
                 except optuna.exceptions.UpdateFinishedTrialError:
                     continue
         return None
@@ -112,51 +111,57 @@ def _record(t: FrozenTrial) -> CellRecord:
         cell_hash=t.user_attrs["cell_hash"], variant=str(t.user_attrs.get("variant", "")),
         seed=int(t.user_attrs.get("seed", -1)), state=STATES[t.state],
         metrics={k: float(t.user_attrs[k]) for k in SUMMARY_METRICS if k in t.user_attrs} if done else {},
-        source=f"ledger trial {t.number}", failure_reason=str(t.user_attrs.get("failure_reason", "")),
-        worker=str(t.user_attrs.get("worker", "")))
+        source=f"ledger trial {t.number}", failure_reason=str(t.user_attrs.get(REASON, "")),
+        worker=str(t.user_attrs.get(WORKER, "")))
 
 
 class Claim:
-    """A cell this worker holds: heartbeats, per-epoch reports, and its one outcome."""
+    """A cell this worker holds: heartbeats, per-epoch reports, and its one outcome. Every write
+    first checks that the cell is still this worker's: one that was taken over (its heartbeats went
+    unseen for the grace period) raises TakenOver and writes nothing."""
 
-    def __init__(self, ledger: Ledger, trial: Trial):
-        self.ledger, self._trial = ledger, trial
+    def __init__(self, ledger: Ledger, trial: Trial, holder: str):
+        self.ledger, self._trial, self.holder = ledger, trial, holder
         self.number = trial.number
         self.cell_hash = trial.user_attrs.get("cell_hash")
+        self._id = internals(ledger.study, trial)[1]
 
     def heartbeat(self) -> Heartbeat:
-        _, trial_id = internals(self.ledger.study, self._trial)
-        return heartbeat(self.ledger.study, trial_id, self.ledger.heartbeat_s)
+        return self.ledger.heartbeat_of(self._id)
+
+    def confirm_held(self) -> None:
+        """Raises TakenOver when another worker holds the cell now."""
+        if not self.ledger.still_holds(self._id, self.holder):
+            raise TakenOver(f"cell {self.cell_hash[:12]} was re-queued while this worker held it (its heartbeats "
+                            f"went unseen for {self.ledger.settings.grace_s} s) and another worker holds it now")
 
     def reported_epochs(self) -> set[int]:
         storage, trial_id = internals(self.ledger.study, self._trial)
         return set(storage.get_trial(trial_id).intermediate_values)
 
-    # A worker whose heartbeats were late (a machine under heavy load) may find its trial already
-    # failed as stale and re-queued: the cell is someone else's now (resuming from the same
-    # checkpoint, to the same result), so these calls then record nothing instead of raising.
-
     def report(self, epoch: int, val_loss: float) -> bool:
         """Record an epoch's validation loss; a cell of a study is never pruned (False)."""
-        with _unless_taken_over():
+        self.confirm_held()
+        with taken_over():
             retrying(self._trial.report, val_loss, epoch)
         return False
 
     def complete(self, summary: dict[str, float]) -> None:
-        with _unless_taken_over():
+        self.confirm_held()
+        with taken_over():
             for key, value in summary.items():
                 retrying(self._trial.set_user_attr, key, value)
             retrying(self.ledger.study.tell, self._trial, summary[RANKING])
 
     def fail(self, reason: str) -> None:
-        with _unless_taken_over():
-            retrying(self._trial.set_user_attr, "failure_reason", reason[:2000])
-            retrying(self.ledger.study.tell, self._trial, state=TrialState.FAIL)
+        """The cell failed (recorded only while this worker holds it)."""
+        try:
+            with taken_over():
+                retrying(self._trial.set_user_attr, REASON, reason[:2000])
+                retrying(self.ledger.study.tell, self._trial, state=TrialState.FAIL)
+        except TakenOver:
+            pass
 
-
-@contextmanager
-def _unless_taken_over() -> Iterator[None]:
-    try:
-        yield
-    except optuna.exceptions.UpdateFinishedTrialError:
-        pass
+    def release(self, why: str) -> None:
+        """Hand the cell back to the queue at once; its checkpoint stays (ClaimedStudy.release)."""
+        self.ledger.release_trial(self._id, self.holder, why)

@@ -18,9 +18,9 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, Trial, TrialState
 
+from .claims import ClaimedStudy, Heartbeat, TakenOver, taken_over
 from .queue import STATES
-from .storage import (ACTIVE, Heartbeat, heartbeat, internals, open_study, recover_stale, retrying, study_attrs,
-                      writer_lock)
+from .storage import ACTIVE, internals, retrying, study_attrs, writer_lock
 
 REJECTED, OVER_BUDGET, TRAINED = "rejected", "over_budget", "trained"  # a search trial's outcome attribute
 SETTINGS = "search"  # trials-study user attribute: what the search was keyed by, for "what changed"
@@ -79,16 +79,17 @@ class SearchTrial:
     retry: bool  # it re-runs a trial whose worker died, and keeps that trial's budget slot
 
 
-class SearchLedger:
+class SearchLedger(ClaimedStudy):
     """The Optuna study of one search: trials asked from a sampler, a budget of trained trials kept
-    exactly across workers and restarts, pruned against the baseline."""
+    exactly across workers and restarts, pruned against the baseline. Its trials are held by the
+    claim protocol (claims.py): writes to a trial another worker took over raise TakenOver."""
 
     def __init__(self, name: str, url: str, sampler: str, pruner: str, *, seed: int | None, budget: int,
-                 curve: dict[int, float], margin: float, epochs: int, heartbeat_s: int, grace_s: int):
-        self.study = open_study(name, url, heartbeat_s, grace_s, sampler=SAMPLERS[sampler](seed, budget),
-                                pruner=PRUNERS[pruner].make(curve, margin, epochs))
-        self.name, self.url, self.heartbeat_s, self.grace_s = name, url, heartbeat_s, grace_s
-        self._held: dict[int, Trial] = {}
+                 curve: dict[int, float], margin: float, epochs: int, heartbeat_s: int | None = None,
+                 grace_s: int | None = None, retries: int | None = None):
+        super().__init__(name, url, heartbeat_s=heartbeat_s, grace_s=grace_s, retries=retries,
+                         sampler=SAMPLERS[sampler](seed, budget), pruner=PRUNERS[pruner].make(curve, margin, epochs))
+        self._held: dict[int, tuple[Trial, str]] = {}  # number -> (trial, holder token)
 
     def describe(self, settings: dict) -> None:
         """Record what this search is keyed by (shown when a later search differs)."""
@@ -99,8 +100,10 @@ class SearchLedger:
     def ask(self, knobs: Iterable) -> SearchTrial:
         """A new trial (a dead worker's trial, re-queued with its params, comes first) with its knobs
         (config.Knob: path, choices or low/high/step/log) drawn."""
+        self.recover()
         with writer_lock(self.url):  # ask pops a re-queued trial: the same race as Ledger.claim
             trial = retrying(self.study.ask)
+            holder = self.hold(internals(self.study, trial)[1])
         params = {}
         for knob in knobs:
             if knob.choices:
@@ -110,7 +113,7 @@ class SearchLedger:
                                                       step=int(knob.step or 1), log=knob.log)
             else:
                 params[knob.path] = trial.suggest_float(knob.path, knob.low, knob.high, step=knob.step, log=knob.log)
-        self._held[trial.number] = trial
+        self._held[trial.number] = (trial, holder)
         retry = RetryHeartbeatStaleTrialCallback.retried_trial_number(self._frozen(trial)) is not None
         return SearchTrial(trial.number, params, retry)
 
@@ -122,7 +125,7 @@ class SearchLedger:
         """Budget slots taken (by trials numbered below `before`): trained, pruned, running or re-queued
         trials that were not rejected. A running trial not yet judged counts, so two workers asking
         at once can never both take the last slot."""
-        recover_stale(self.study, self.grace_s)
+        self.recover()
         holding = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
         return sum(1 for t in self.study.get_trials(deepcopy=False)
                    if (before is None or t.number < before) and t.user_attrs.get("outcome") in (None, TRAINED)
@@ -133,7 +136,7 @@ class SearchLedger:
 
     def pending(self) -> tuple[int, int]:
         """(queued, running) trials: a finished budget still waits for these."""
-        recover_stale(self.study, self.grace_s)
+        self.recover()
         trials = self.study.get_trials(deepcopy=False, states=ACTIVE)
         return (sum(t.state == TrialState.WAITING for t in trials), sum(t.state == TrialState.RUNNING for t in trials))
 
@@ -141,43 +144,67 @@ class SearchLedger:
         """A trial that trains nothing, with why. A combination the builder rejected is told PRUNED
         without values, which TPE ranks worst (a FAIL it would ignore, and propose again); one over
         the budget is FAIL."""
-        held = self._held.pop(trial.number)
-        retrying(held.set_user_attr, "outcome", outcome)
-        retrying(held.set_user_attr, "reason", reason[:2000])
-        retrying(self.study.tell, held, state=TrialState.PRUNED if outcome == REJECTED else TrialState.FAIL)
+        held = self._take(trial)
+        with taken_over():
+            retrying(held.set_user_attr, "outcome", outcome)
+            retrying(held.set_user_attr, "reason", reason[:2000])
+            retrying(self.study.tell, held, state=TrialState.PRUNED if outcome == REJECTED else TrialState.FAIL)
 
     def propose(self, params: dict) -> None:
         """Queue a combination for the next ask (after a rejection, so that any sampler moves on)."""
         retrying(self.study.enqueue_trial, params, skip_if_exists=True)
 
     def accept(self, trial: SearchTrial) -> None:
-        retrying(self._held[trial.number].set_user_attr, "outcome", TRAINED)
+        with taken_over():
+            retrying(self._held[trial.number][0].set_user_attr, "outcome", TRAINED)
 
     def heartbeat(self, trial: SearchTrial) -> Heartbeat:
-        _, trial_id = internals(self.study, self._held[trial.number])
-        return heartbeat(self.study, trial_id, self.heartbeat_s)
+        held, _ = self._held[trial.number]
+        return self.heartbeat_of(internals(self.study, held)[1])
+
+    def confirm_held(self, trial: SearchTrial) -> None:
+        """Raises TakenOver (and forgets the trial) when another worker holds it now."""
+        held, holder = self._held[trial.number]
+        if not self.still_holds(internals(self.study, held)[1], holder):
+            self._held.pop(trial.number)
+            raise TakenOver(f"trial {trial.number} was re-queued while this worker held it, and another worker "
+                            "holds it now")
+
+    def release(self, trial: SearchTrial, why: str) -> None:
+        """Hand a held trial back to the queue at once (ClaimedStudy.release_trial)."""
+        held, holder = self._held.pop(trial.number)
+        self.release_trial(internals(self.study, held)[1], holder, why)
 
     def reported_epochs(self, trial: SearchTrial) -> set[int]:
-        return set(self._frozen(self._held[trial.number]).intermediate_values)
+        return set(self._frozen(self._held[trial.number][0]).intermediate_values)
 
     def report(self, trial: SearchTrial, epoch: int, value: float) -> bool:
         """Report an epoch's validation loss; True when the pruner says stop."""
-        held = self._held[trial.number]
-        retrying(held.report, value, epoch)
+        self.confirm_held(trial)
+        held, _ = self._held[trial.number]
+        with taken_over():
+            retrying(held.report, value, epoch)
         return retrying(held.should_prune)
 
     def finish(self, trial: SearchTrial, value: float | None, pruned_at: int | None = None) -> None:
-        held = self._held.pop(trial.number)
-        if pruned_at is not None:
-            retrying(held.set_user_attr, "pruned_at_epoch", pruned_at)
-            retrying(self.study.tell, held, state=TrialState.PRUNED)
-        else:
-            retrying(self.study.tell, held, value)
+        held = self._take(trial)
+        with taken_over():
+            if pruned_at is not None:
+                retrying(held.set_user_attr, "pruned_at_epoch", pruned_at)
+                retrying(self.study.tell, held, state=TrialState.PRUNED)
+            else:
+                retrying(self.study.tell, held, value)
 
     def fail(self, trial: SearchTrial, reason: str) -> None:
-        held = self._held.pop(trial.number)
-        retrying(held.set_user_attr, "reason", reason[:2000])
-        retrying(self.study.tell, held, state=TrialState.FAIL)
+        held = self._take(trial)
+        with taken_over():
+            retrying(held.set_user_attr, "reason", reason[:2000])
+            retrying(self.study.tell, held, state=TrialState.FAIL)
+
+    def _take(self, trial: SearchTrial) -> Trial:
+        """The held trial, to be told its outcome: TakenOver when it is another worker's now."""
+        self.confirm_held(trial)
+        return self._held.pop(trial.number)[0]
 
     def trials(self) -> list[dict]:
         """One plain row per trial: number, state (a CellState's name, or rejected / over_budget for

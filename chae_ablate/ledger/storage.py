@@ -1,27 +1,29 @@
 """Opening an Optuna storage: a database URL (sqlite, PostgreSQL) or `journal:PATH`, created with
-its tables when new, with one-line errors for a missing driver or an unreachable server; and what
-every worker holding a trial needs from it (heartbeats or leases, recovery of dead workers' trials).
+its tables when new, with one-line errors for a missing driver, an unreachable server or a damaged
+journal. How workers hold trials on it is claims.py.
 
-The journal storage (a file on a shared filesystem, for clusters without a database server) has no
-heartbeats, so a claimed trial there carries a lease instead: the time its worker last wrote (user
-attribute LEASE), renewed as often as a heartbeat and judged with the same grace period.
+A journal is a log file that every process appends to under a lock file and replays. A writer
+killed mid-append (a node lost, a full disk) leaves a torn last record; the next append cuts it
+off first (JournalBackend), where Optuna would append after it and make the file unreadable for
+good. A lock file left by a killed writer is broken after LOCK_BREAK_S of the waiter's own clock.
 """
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import socket
-import threading
-import time
 import warnings
+from collections.abc import Iterator
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy.exc
-from optuna.storages import (BaseStorage, JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback,
-                             fail_stale_trials)
+from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.storages.journal._file import get_lock_file
 from optuna.trial import FrozenTrial, Trial, TrialState
 from sqlalchemy.engine import URL, make_url
 
@@ -30,20 +32,22 @@ from ..errors import retrying as _retrying
 from ..files import file_lock, sqlite_file
 
 JOURNAL = "journal:"  # --storage journal:PATH, Optuna's journal file
-LEASE = "lease_at"  # journal storage: when the worker holding a trial last proved itself alive
+LOCK_BREAK_S = 5  # a journal's lock file unchanged this long (by the waiter's own clock) was left by a dead writer
 ACTIVE = (TrialState.WAITING, TrialState.RUNNING)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)  # TPE's group=True
-# our own threads record heartbeats for trials run outside Study.optimize (Claim, SearchLedger)
-warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
 
 
 def internals(study: optuna.Study, trial: Trial | FrozenTrial | None = None) -> tuple[BaseStorage, int | None]:
     """The storage behind `study` and the storage id of `trial`, which Optuna keeps private
-    (`Study._storage`, `Trial._trial_id`, `FrozenTrial._trial_id`; checked against optuna 5.0.0).
+    (`Study._storage`, `Trial._trial_id`, `FrozenTrial._trial_id`; checked against optuna 5.1.0).
     Claiming a WAITING trial without sampling a new one and recording heartbeats need them;
     tests/test_ledger.py fails loudly if a new Optuna renames them."""
-    return study._storage, (trial._trial_id if trial is not None else None)
+    return study._storage, (trial_id_of(trial) if trial is not None else None)
+
+
+def trial_id_of(trial: Trial | FrozenTrial) -> int:
+    return trial._trial_id
 
 
 def journal_file(url: str) -> Path | None:
@@ -101,37 +105,35 @@ def retrying(call, *args, transient=lost_connection, attempts: int = 5, **kwargs
     return _retrying(call, *args, transient=transient, attempts=attempts, **kwargs)
 
 
-def open_study(name: str, url: str, heartbeat_s: int, grace_s: int, **kwargs) -> optuna.Study:
-    """The Optuna study `name` in the storage at `url` (created if new). With an RDB storage a
-    trial whose worker died is failed after `grace_s` (Optuna's heartbeats) and re-queued with the
-    same params and attributes; with a journal, recover_stale does the same from leases.
-    kwargs go to optuna.create_study (sampler, pruner)."""
+def kind(url: str) -> str:
+    """'journal' or 'database': what the claim settings' defaults depend on."""
+    return "journal" if url.startswith(JOURNAL) else "database"
+
+
+def open_study(name: str, url: str, **kwargs) -> optuna.Study:
+    """The Optuna study `name` in the storage at `url` (created if new); kwargs go to
+    optuna.create_study (sampler, pruner)."""
     return opening(url, lambda storage: optuna.create_study(study_name=name, storage=storage, direction="minimize",
-                                                            load_if_exists=True, **kwargs),
-                   heartbeat_s, grace_s)
+                                                            load_if_exists=True, **kwargs))
 
 
-def opening(url: str, use, heartbeat_s: int | None = None, grace_s: int | None = None):
+def opening(url: str, use):
     """use(storage) on the storage at `url`: created with its tables if new (under a file lock for
-    sqlite, retried on a schema race for a server); driver and connection errors are one line.
-    Without heartbeat_s the storage records no heartbeats (a reader's)."""
+    sqlite, retried on a schema race for a server); driver and connection errors are one line."""
     journal = journal_file(url)
     if journal is not None:
         journal.parent.mkdir(parents=True, exist_ok=True)
-        # the open lock (O_EXCL) is atomic on NFS v3+, where a cluster's shared folders live
-        return use(JournalStorage(JournalFileBackend(str(journal), lock_obj=JournalFileOpenLock(str(journal)))))
+        return use(JournalStorage(JournalBackend(journal)))
     parsed = storage_url(url)
     engine_kwargs: dict = {"pool_pre_ping": True}  # a dropped connection is replaced, not reused
     if (database := sqlite_file(url)) is not None:
         database.parent.mkdir(parents=True, exist_ok=True)
     elif parsed.get_backend_name() == "postgresql":
         engine_kwargs["connect_args"] = {"connect_timeout": 10}  # an unreachable host fails in seconds
-    beats = {} if heartbeat_s is None else {"heartbeat_interval": heartbeat_s, "grace_period": grace_s,
-                                            "heartbeat_stale_trial_callback": RetryHeartbeatStaleTrialCallback()}
     try:
         with writer_lock(url):  # sqlite: processes create tables in turn
             storage = retrying(RDBStorage, parsed.render_as_string(hide_password=False), engine_kwargs=engine_kwargs,
-                               transient=_schema_race, **beats)
+                               transient=_schema_race)
             return retrying(use, storage, transient=_schema_race)
     except ImportError as err:  # optuna re-raises the driver's ModuleNotFoundError as ImportError
         driver = getattr(err.__cause__, "name", None) or err.name or "database"
@@ -191,35 +193,61 @@ def _schema_race(err: BaseException) -> bool:
         and ("locked" in text or "already exists" in text))
 
 
-# --- holding a trial: heartbeats, leases, recovery ----------------------------------------------
+class JournalBackend(JournalFileBackend):
+    """Optuna's journal file, which cuts off a torn last record before appending (Optuna would
+    append after it and leave a line no process can read again) and reports any other damage in
+    one line naming the file. The open lock (O_EXCL) is atomic on NFS v3+, where a cluster's
+    shared folders live."""
 
-def recover_stale(study: optuna.Study, grace_s: float) -> None:
-    """Fail and re-queue (same params and attributes) every RUNNING trial whose worker went silent
-    for more than grace_s: Optuna's heartbeats on an RDB storage, leases on a journal."""
-    storage, _ = internals(study)
-    if isinstance(storage, RDBStorage):
-        fail_stale_trials(study)
-        return
-    now = time.time()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        last = trial.user_attrs.get(LEASE) or trial.datetime_start.timestamp()  # killed before its first lease
-        if now - last <= grace_s:
-            continue
-        _, trial_id = internals(study, trial)
+    def __init__(self, path: Path):
+        super().__init__(str(path), lock_obj=JournalFileOpenLock(str(path), grace_period=LOCK_BREAK_S))
+        self.path = path
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict[str, Any]]:
         try:
-            storage.set_trial_state_values(trial_id, TrialState.FAIL)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue  # another worker failed it first, and re-queues it
-        RetryHeartbeatStaleTrialCallback()(study, storage.get_trial(trial_id))
+            yield from super().read_logs(log_number_from)
+        except ValueError as err:  # json.JSONDecodeError too
+            raise ChaeError(f"ledger journal {self.path}: a record is damaged ({str(err)[:100]}), not only cut short "
+                            "at the end, which is repaired by itself; move the file aside and rerun with "
+                            "--fresh, or restore a copy") from None
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        with get_lock_file(self._lock):
+            _cut_torn_tail(self.path)
+            with open(self.path, "ab") as f:
+                f.write(("".join(json.dumps(log, separators=(",", ":")) + "\n" for log in logs)).encode())
+                f.flush()
+                os.fsync(f.fileno())
 
 
-def heartbeat(study: optuna.Study, trial_id: int, interval: float) -> Heartbeat:
-    """A thread that proves this worker alive while it holds a trial: a heartbeat or a lease."""
-    storage, _ = internals(study)
-    if isinstance(storage, RDBStorage):
-        return Heartbeat(lambda: storage.record_heartbeat(trial_id), interval)
-    return Heartbeat(lambda: storage.set_trial_user_attr(trial_id, LEASE, time.time()), interval)
+def _cut_torn_tail(path: Path) -> None:
+    """Under the journal's lock: a file that does not end with a newline ends with the part of a record
+    its writer wrote before it died. Nobody has read it (readers stop at an unfinished line): cut it off."""
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        keep = size
+        while keep > 0:
+            step = min(keep, 65536)
+            f.seek(keep - step)
+            chunk = f.read(step)
+            at = chunk.rfind(b"\n")
+            if at >= 0:
+                keep = keep - step + at + 1
+                break
+            keep -= step
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    warnings.warn(f"ledger journal {path}: cut off a torn last record ({size - keep} bytes) that a killed "
+                  "writer left; the study goes on", stacklevel=2)
 
+
+# --- who holds a trial -----------------------------------------------------------------------
 
 def worker_name() -> str:
     """Who holds a claimed cell, for `chae-ablate status`: host, process and SLURM task if any."""
@@ -228,28 +256,3 @@ def worker_name() -> str:
     if array and task:
         return f"{name} slurm {array}_{task}"
     return f"{name} slurm {os.environ['SLURM_JOB_ID']}" if os.environ.get("SLURM_JOB_ID") else name
-
-
-class Heartbeat:
-    """Calls beat() from a thread every `interval` seconds while the cell trains."""
-
-    def __init__(self, beat, interval: float):
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(beat, interval), daemon=True)
-
-    def _run(self, beat, interval: float) -> None:
-        while True:
-            try:
-                beat()
-            except Exception:  # a lost connection: keep trying; the grace period decides
-                pass
-            if self._stop.wait(interval):
-                return
-
-    def __enter__(self) -> Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
