@@ -37,10 +37,12 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def chae(*args: str, cwd: Path, **kwargs) -> subprocess.Popen:
+def chae(*args: str, cwd: Path, env: dict[str, str] | None = None, prefix: tuple[str, ...] = (),
+         **kwargs) -> subprocess.Popen:
     """`python -m chae_ablate ARGS` started in `cwd` as a user would: its own local MLflow store (no
-    MLFLOW_TRACKING_URI), no progress bars, unbuffered, stderr merged into stdout."""
-    env = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env=env,
+    MLFLOW_TRACKING_URI), no progress bars, unbuffered, stderr merged into stdout. env: variables
+    to set as well; prefix: a command to run it under (e.g. faketime)."""
+    full = {**os.environ, "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    full.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([*prefix, sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env={**full, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)

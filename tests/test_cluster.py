@@ -191,7 +191,8 @@ def test_what_sbatch_refuses_is_one_line_with_a_hint(on_slurm):
                               "--local-tracking"])
     assert result.exit_code == 1 and "sbatch refused the job array" in result.output
     assert "for CPU tasks pass --gpus-per-task 0" in result.output and "Traceback" not in result.output
-    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "nope", "--gpus-per-task", "0"])
+    result = cli.invoke(app, ["submit", str(TINY), "--slurm", "--partition", "nope", "--gpus-per-task", "0",
+                              "--local-tracking"])
     assert result.exit_code == 1 and "Invalid partition name" in result.output
 
 

@@ -110,12 +110,11 @@ def postgres(tmp_path_factory):
             shutil.rmtree(base, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory):
-    """`mlflow server` with a sqlite backend and its own artifact store; yields its URL."""
-    base = tmp_path_factory.mktemp("mlflow")
-    port, log = free_port(), base / "mlflow.log"
-    with open(log, "w") as out:
+def start_mlflow(base: Path, port: int) -> tuple[subprocess.Popen, str]:
+    """`mlflow server` with a sqlite backend and its own artifact store in `base`, once it answers."""
+    base.mkdir(parents=True, exist_ok=True)
+    log = base / "mlflow.log"
+    with open(log, "a") as out:
         server = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
                                    "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
                                    "--artifacts-destination", str(base / "artifacts"),
@@ -128,21 +127,32 @@ def mlflow_server(tmp_path_factory):
             return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
         except OSError:
             return server.poll() is not None  # died: stop waiting
+    wait_until(healthy, 90, "mlflow server", log)
+    if server.poll() is not None:
+        pytest.skip(f"mlflow server exited:\n{log.read_text()[-2000:]}")
+    return server, url
+
+
+def stop_mlflow(server: subprocess.Popen) -> None:
+    if server.poll() is None:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A tracking server for the session; yields its URL."""
+    server, url = start_mlflow(tmp_path_factory.mktemp("mlflow"), free_port())
     try:
-        wait_until(healthy, 90, "mlflow server", log)
-        if server.poll() is not None:
-            pytest.skip(f"mlflow server exited:\n{log.read_text()[-2000:]}")
         yield url
     finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=30)
+        stop_mlflow(server)
 
 
-def cli(*args: str, cwd: Path, tracking: str | None) -> subprocess.Popen:
-    """`chae-ablate ARGS` in its own process group, working directory and runs dir."""
+def cli(*args: str, cwd: Path, tracking: str | None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`chae-ablate ARGS` in its own process group, working directory and runs dir (env: more variables)."""
     cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     env.pop("MLFLOW_TRACKING_URI", None)
     if tracking:
         env["MLFLOW_TRACKING_URI"] = tracking
@@ -169,9 +179,32 @@ def study_file(tmp_path: Path, text: str, name: str) -> Path:
     return path
 
 
+def optuna_storage(url: str):
+    """What optuna.load_study takes for a --storage URL (a journal file, or PostgreSQL through psycopg2)."""
+    if url.startswith("journal:"):
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
+    return url.replace("postgresql://", "postgresql+psycopg2://")
+
+
 def ledger_trials(storage: str, name: str) -> list:
-    return optuna.load_study(study_name=name, storage=storage.replace("postgresql://", "postgresql+psycopg2://"),
-                             ).get_trials()
+    return optuna.load_study(study_name=name, storage=optuna_storage(storage)).get_trials()
+
+
+def held(storage: str, name: str) -> int:
+    """How many of the study's cells workers hold now (0 before the study exists)."""
+    try:
+        return sum(t.state == optuna.trial.TrialState.RUNNING for t in ledger_trials(storage, name))
+    except KeyError:
+        return 0
+
+
+def as_elsewhere(storage: str, name: str, trial) -> None:
+    """Rewrite a running trial's holder as a process of another machine (whose death this machine
+    cannot see), as a worker on another node would have left it."""
+    from chae_ablate.ledger.claims import HOLDER
+    study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
+    _, pid, token = trial.user_attrs[HOLDER].split("/")
+    study._storage.set_trial_user_attr(trial._trial_id, HOLDER, f"another-machine/{pid}/{token}")
 
 
 def cell_runs(tracking: str, name: str) -> tuple[list, list]:
@@ -222,7 +255,7 @@ def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_
     name = "dist-kill"
     study = study_file(tmp_path, SLOW_STUDY, name)
     common = (str(study), "--storage", postgres, "--threads", "1")  # 2 workers, 2 cores
-    victim = cli("worker", *common, cwd=tmp_path / "m2", tracking=mlflow_server)
+    victim = cli("worker", *common, "--heartbeat", "1", "--grace", "3", cwd=tmp_path / "m2", tracking=mlflow_server)
     checkpoints = tmp_path / "m2" / "runs" / "checkpoints" / name
     deadline = time.time() + 120
     while time.time() < deadline and not any(checkpoints.glob("*/last.pt")) and victim.poll() is None:
@@ -235,11 +268,13 @@ def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_
     running = [t for t in ledger_trials(postgres, name) if t.state == optuna.trial.TrialState.RUNNING]
     assert len(running) == 1, "the victim was not mid-cell when killed"
     killed_cell = running[0].user_attrs["cell_hash"]
+    as_elsewhere(postgres, name, running[0])  # so the survivor cannot see the process is gone: it must watch
 
     # another machine joins after the kill (started earlier, it could finish both cells before the
-    # victim claims one): it trains the other cell, then the killed one once its heartbeat is stale
-    survivor = cli("run", *common, "--no-report", "--grace", "3", cwd=tmp_path / "m1", tracking=mlflow_server)
-    out = finish(survivor)  # waits out the grace period, then trains the killed cell itself
+    # victim claims one): it trains the other cell, then the killed one once it has watched its
+    # heartbeat stand still for the study's grace period (3 s, set by the victim's start)
+    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
+    out = finish(survivor)
     assert len(DONE_ROW.findall(out)) == 2, out
     trials = ledger_trials(postgres, name)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -322,3 +357,127 @@ def test_workers_creating_the_ledger_schema_at_once_all_open_it(postgres):
     admin.close()
     errors = [failures.get() for _ in range(failures.qsize())]
     assert errors == []
+
+
+# --- disturbed studies: each cell finished exactly once, with an undisturbed run's metrics ---------
+
+DISTURBED = slow_study("disturbed")  # 2 variants; run with --seeds 0,1: 4 cells of 6 epochs
+PATIENT = {"CHAE_TRACKING_PATIENCE_S": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # give a cell back soon
+_undisturbed: dict = {}
+
+
+def undisturbed_metrics(tmp_path: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """(variant, seed) -> summary metrics of each cell trained in this process, undisturbed (one
+    thread, as the workers), computed once per session."""
+    if not _undisturbed:
+        import torch
+
+        from chae_ablate.data import load_dataset
+        from chae_ablate.study import load_study
+        from chae_ablate.train import train_cell
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            study = load_study(study_file(tmp_path, DISTURBED, "undisturbed"), {"protocol.seeds": [0, 1]})
+            for cell in study.cells():
+                data = load_dataset(cell.config.data, cell.config.model.resolution, tmp_path / "undisturbed-runs")
+                result = train_cell(config=cell.config, seed=cell.seed, data=data, device=torch.device("cpu"))
+                _undisturbed[(cell.variant.name, cell.seed)] = result.summary()
+        finally:
+            torch.set_num_threads(threads)
+    return _undisturbed
+
+
+def assert_each_cell_finished_once(tracking: str, name: str, reference: dict) -> None:
+    """Exactly one FINISHED run per cell, nothing RUNNING, every epoch logged once, and the
+    undisturbed run's metrics."""
+    _, cells = cell_runs(tracking, name)
+    assert not [r for r in cells if r.info.status == "RUNNING"]
+    finished = [r for r in cells if r.info.status == "FINISHED"]
+    assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in finished) == sorted(reference)
+    client = mlflow.tracking.MlflowClient(tracking)
+    for run in finished:
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
+        assert steps == list(range(1, 7)), (run.data.tags["variant"], steps)  # no epoch trained twice
+        expected = reference[(run.data.tags["variant"], int(run.data.tags["seed"]))]
+        for key in ("best_val_loss", "test_loss", "test_acc"):
+            assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+
+
+def test_a_tracking_server_stopped_for_30_s_loses_nothing_and_ends_nothing(tmp_path):
+    """Two workers; the tracking server stops for 30 s mid-study and comes back: it used to fail the
+    cell being finished and end the worker (a SLURM array lost its tasks). Each worker now hands
+    its cell back to the queue, waits for the server and goes on."""
+    server, url = start_mlflow(tmp_path / "server", port := free_port())
+    name = "outage"
+    study = study_file(tmp_path, DISTURBED, name)
+    common = (str(study), "--seeds", "0,1", "--storage", f"journal:{tmp_path / 'ledger.journal'}", "--threads", "1")
+    workers = [cli("worker", *common, cwd=tmp_path / "shared", tracking=url, env=PATIENT) for _ in range(2)]
+    checkpoints = tmp_path / "shared" / "runs" / "checkpoints" / name
+    deadline = time.time() + 120
+    while time.time() < deadline and not any(checkpoints.glob("*/last.pt")):
+        time.sleep(0.2)
+    assert any(checkpoints.glob("*/last.pt")), "no cell got past its first epoch"
+    stop_mlflow(server)
+    stopped = time.time()
+    reference = undisturbed_metrics(tmp_path)  # while the workers wait
+    time.sleep(max(0.0, 30 - (time.time() - stopped)))
+    server, _ = start_mlflow(tmp_path / "server", port)
+    try:
+        outputs = [finish(w) for w in workers]
+        assert any("handed back to the queue" in out for out in outputs), outputs
+        assert all("answers again" in out for out in outputs if "handed back" in out), outputs
+        assert_each_cell_finished_once(url, name, reference)
+        assert [t.state.name for t in ledger_trials(common[4], name)].count("COMPLETE") == 4
+    finally:
+        stop_mlflow(server)
+
+
+@pytest.mark.parametrize("ledger", ["journal", "postgres"])
+def test_chaos_workers_killed_at_random_and_a_server_restart_train_each_cell_once(ledger, request, tmp_path):
+    """Three workers; the tracking server is restarted once, then every few seconds a random worker is
+    killed -9 and started again. Every cell ends FINISHED exactly once, no epoch is trained twice, and
+    the metrics are those of an undisturbed run."""
+    import random
+    storage = (request.getfixturevalue("postgres").rsplit("/", 1)[0] + "/chaos" if ledger == "postgres"
+               else f"journal:{tmp_path / 'ledger.journal'}")
+    if ledger == "postgres":
+        import psycopg2
+        admin = psycopg2.connect(storage.rsplit("/", 1)[0] + "/postgres")
+        admin.autocommit = True
+        admin.cursor().execute("CREATE DATABASE chaos")
+        admin.close()
+    server, url = start_mlflow(tmp_path / "server", port := free_port())
+    name = f"chaos-{ledger}"
+    study = study_file(tmp_path, DISTURBED, name)
+    common = (str(study), "--seeds", "0,1", "--storage", storage, "--threads", "1")
+    start = lambda: cli("worker", *common, cwd=tmp_path / "shared", tracking=url, env=PATIENT)  # noqa: E731
+    workers, rng, kills = [start() for _ in range(3)], random.Random(0), 0
+    try:
+        deadline = time.time() + 400
+        # the server goes away once every worker is past its start (a worker that starts while the
+        # server is down stops at once with one line, by design), so while they hold cells
+        while time.time() < deadline and held(storage, name) < 3:
+            time.sleep(0.5)
+        stop_mlflow(server)
+        time.sleep(5)
+        server, _ = start_mlflow(tmp_path / "server", port)
+        while any(w.poll() is None for w in workers) and time.time() < deadline and kills < 4:
+            time.sleep(rng.uniform(2, 4))
+            i = rng.randrange(len(workers))
+            if workers[i].poll() is None:
+                os.killpg(workers[i].pid, signal.SIGKILL)
+                workers[i].communicate()
+                kills += 1
+            workers[i] = start()
+        for w in workers:
+            finish(w, timeout=max(1.0, deadline - time.time()))
+        assert kills == 4
+        assert_each_cell_finished_once(url, name, undisturbed_metrics(tmp_path))
+        complete = [t for t in ledger_trials(storage, name) if t.state == optuna.trial.TrialState.COMPLETE]
+        assert len(complete) == 4 == len({t.user_attrs["cell_hash"] for t in complete})
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+        stop_mlflow(server)

@@ -244,7 +244,10 @@ def test_a_cell_whose_workers_keep_dying_fails_after_the_retries(tmp_path, make_
     assert "died 3 times" in given_up[0].failure_reason and "--retries 2" in given_up[0].failure_reason
     record = {r.cell_hash: r for r in ledger.records()}[given_up[0].cell_hash]
     assert record.state == CellState.FAILED and "died 3 times" in record.failure_reason
-    assert ledger.queue(planned(study), retry_failed=False) == 0 and ledger.queue(planned(study)) == 1  # a rerun retries
+    assert ledger.queue(planned(study)) == 0  # a rerun does not retry it: it would only kill the next worker
+    more = open_ledger(study.name, url, retries=3)  # unless asked to retry more often
+    assert more.queue(planned(study)) == 1
+    assert more.study.get_trials()[-1].user_attrs[DEATHS] == 3  # its deaths so far still count
 
 
 @storages

@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import cache
 
 import optuna
@@ -71,11 +71,15 @@ DEFAULTS = {"database": ClaimSettings(5, 15, 3), "journal": ClaimSettings(20, 60
 
 def settle(study: optuna.Study, asked: dict[str, int | None], kind: str) -> ClaimSettings:
     """The claim settings of `study`: those stored with it; for a new study (or one from before they
-    were stored) the asked ones over the defaults of its storage kind, then stored. An asked value
-    that differs from a stored one is refused: every worker of a study must use the same."""
+    were stored) the asked ones over the defaults of its storage kind, then stored. An asked
+    heartbeat or grace that differs from the stored one is refused (every worker of a study must
+    judge the others alike); an asked retries replaces the stored one (to give failed cells more)."""
     stored = study.user_attrs.get(SETTINGS)
     if stored:
         settings = ClaimSettings(**json.loads(stored))
+        if asked.get("retries") is not None and asked["retries"] != settings.retries:  # not shared: may change
+            settings = replace(settings, retries=asked["retries"]).check(kind)
+            study.set_user_attr(SETTINGS, json.dumps(asdict(settings)))
         for key, value in asked.items():
             if value is not None and value != getattr(settings, key):
                 option = key.removesuffix("_s")
@@ -161,8 +165,10 @@ def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, died: bool, re
     deaths = int(trial.user_attrs.get(DEATHS, 0)) + died
     given_up = died and deaths > retries
     if given_up:
-        reason = f"{reason}; its worker died {deaths} times while training it, not retried again (--retries {retries})"
+        reason = (f"{reason}; its worker died {deaths} times while training it, not retried again (--retries "
+                  f"{retries}; a rerun with a higher --retries tries again)")
     try:
+        storage.set_trial_user_attr(trial_id, DEATHS, deaths)
         storage.set_trial_user_attr(trial_id, REASON, reason[:2000])
         if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
             return None

@@ -16,7 +16,7 @@ from optuna.trial import FrozenTrial, Trial, TrialState
 
 from ..metrics import RANKING, SUMMARY_METRICS
 from ..records import CellRecord, CellState, PlannedCell
-from .claims import REASON, WORKER, ClaimedStudy, Heartbeat, TakenOver, taken_over
+from .claims import DEATHS, REASON, WORKER, ClaimedStudy, Heartbeat, TakenOver, taken_over
 from .storage import ACTIVE, internals, retrying, study_attrs, writer_lock
 
 STATES = {TrialState.WAITING: CellState.QUEUED, TrialState.RUNNING: CellState.RUNNING,
@@ -38,14 +38,19 @@ class Ledger(ClaimedStudy):
 
     def queue(self, cells: Iterable[PlannedCell], retry_failed: bool = True) -> int:
         """Enqueue every cell that is neither finished, queued nor running (nor failed, unless
-        retry_failed: a rerun retries failed cells, a running study does not); returns how many."""
+        retry_failed: a rerun retries failed cells, a running study does not; never one whose
+        workers died more than `retries` times, which would only kill the next); returns how many."""
         self.recover()  # dead workers' cells go back to the queue
         done = (TrialState.COMPLETE, *ACTIVE) + (() if retry_failed else (TrialState.FAIL,))
-        covered = {t.user_attrs.get("cell_hash") for t in self._trials() if t.state in done}
-        missing = [c for c in cells if c.cell_hash not in covered]
+        trials = self._trials()
+        covered = {t.user_attrs.get("cell_hash") for t in trials if t.state in done}
+        deaths = {t.user_attrs.get("cell_hash"): int(t.user_attrs.get(DEATHS, 0)) for t in trials
+                  if t.state == TrialState.FAIL}  # of each cell's latest failed attempt
+        missing = [c for c in cells if c.cell_hash not in covered
+                   and deaths.get(c.cell_hash, 0) <= self.settings.retries]  # not a cell given up on
         for cell in missing:
             self.study.enqueue_trial({}, user_attrs={"variant": cell.variant, "seed": cell.seed,
-                                                     "cell_hash": cell.cell_hash})
+                                                     "cell_hash": cell.cell_hash, DEATHS: deaths.get(cell.cell_hash, 0)})
         return len(missing)
 
     def claim(self, hashes: Collection[str]) -> Claim | None:
