@@ -47,6 +47,7 @@ class SearchSummary:
     name: str
     trials: list[dict]
     confirmation: RunSummary | None
+    budget: int  # trained trials, as run (search.trials, or --trials)
     report: Path | None = None
 
 
@@ -111,7 +112,7 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
         Searcher(study, base, options, device, session, ledger, budget).run()  # phase 2
     confirm = confirmation_study(study, ledger)
     confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
-    summary = SearchSummary(search_name(study), ledger.trials(), confirmation)
+    summary = SearchSummary(search_name(study), ledger.trials(), confirmation, budget)
     if report:
         summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
     return summary

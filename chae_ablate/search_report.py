@@ -26,9 +26,10 @@ STATE_COLOURS = {CellState.DONE: "tab:blue", CellState.PRUNED: "tab:orange", Cel
 def trials_table(trials: list[dict]) -> pd.DataFrame:
     """One row per trial, one column per knob."""
     rows = [{"trial": t["number"], "state": t["state"], "value": t["value"], "pruned_at_epoch": t["pruned_at_epoch"],
-             "retry_of": t["retry_of"], "reason": t["reason"], **t["params"]} for t in trials]
+             "loss_when_pruned": t["loss_when_pruned"], "retry_of": t["retry_of"], "reason": t["reason"],
+             **t["params"]} for t in trials]
     return pd.DataFrame(rows).sort_values("trial").reset_index(drop=True) if rows else pd.DataFrame(
-        columns=["trial", "state", "value", "pruned_at_epoch", "retry_of", "reason"])
+        columns=["trial", "state", "value", "pruned_at_epoch", "loss_when_pruned", "retry_of", "reason"])
 
 
 def fig_history(table: pd.DataFrame) -> Figure:
@@ -114,7 +115,8 @@ def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, fig
     pruner = PRUNERS[s.pruner].about.format(margin=margin, epochs=len(curve), seeds=list(s.seeds))
     blocks: list[Block] = [
         ("h1", f"Search report: {study.name}"),
-        ("p", f"Sampler: {s.sampler}; pruner: {pruner}. Budget: {s.trials} trained trials (rejected "
+        ("p", f"Sampler: {s.sampler}; pruner: {pruner}. Budget: {summary.budget} trained trials"
+              f"{f' (--trials; the study file says {s.trials})' if summary.budget != s.trials else ''} (rejected "
               f"combinations do not count), seeds per trial: {list(s.seeds)}."),
         ("p", f"Trials: {int(counts.get(CellState.DONE, 0))} finished, {int(counts.get(CellState.PRUNED, 0))} pruned, "
               f"{len(rejected)} rejected by the builder, {int(counts.get(OVER_BUDGET, 0))} over the budget "
@@ -139,7 +141,10 @@ def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, fig
                          f"(full report: {confirmation.report}). Only these verdicts are findings; the search values "
                          "above are the best of many tries and overstate them."),
                    ("table", verdict_table(confirm))]
-    blocks += [("h2", "All trials"), ("table", table.drop(columns=["reason"]).astype(str)),
+    blocks += [("h2", "All trials"),
+               ("p", "value: a finished trial's mean lowest validation loss; a pruned trial has none, only its first "
+                     "seed's validation loss at the epoch it was stopped (loss_when_pruned), which is not comparable."),
+               ("table", table.drop(columns=["reason"]).astype(str)),
                ("h2", "Method"),
                ("p", "Trials are asked from Optuna's sampler over the knobs of `search.space`; each trains the "
                      "search's seeds and its value is the mean lowest validation loss. A trial whose worker died "

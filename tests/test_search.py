@@ -104,7 +104,7 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
     os.killpg(victim.pid, signal.SIGKILL)  # mid-trial
     victim.wait()
 
-    out, _ = cli("search", "s.yaml", "--no-progress", "--grace", "3", cwd=tmp_path).communicate(timeout=900)
+    out, _ = cli("search", "s.yaml", "--no-progress", cwd=tmp_path).communicate(timeout=900)  # the kill seen at once
     assert "search report: reports/tinysearch-search/report.md" in out, out
     trials = pd.read_csv(tmp_path / "reports" / "tinysearch-search" / "trials.csv")
     budget = trials[trials["state"].isin(["done", "pruned"])]
@@ -114,6 +114,7 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
     hopeless = budget[budget["protocol.lr"] == 1e-7]  # trained trials (the killed and the rejected trained nothing)
     assert len(hopeless) and (hopeless["state"] == "pruned").all()
     assert (hopeless["pruned_at_epoch"] < 2).all()  # before their last epoch
+    assert hopeless["value"].isna().all() and hopeless["loss_when_pruned"].notna().all()  # a partial loss is no value
     rejected = trials[trials["state"] == "rejected"]
     assert len(rejected) >= 1  # two thirds of the space: six trials without one would be a 1-in-700 draw
     assert rejected["model.transformer.heads"].isin([3, 5]).all()
@@ -130,6 +131,7 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
 
     report = (tmp_path / "reports" / "tinysearch-search" / "report.md").read_text()
     assert "## Which knobs mattered" in report and "## Confirmation on fresh seeds" in report
+    assert "Budget: 6 trained trials (rejected" in report
     confirm = pd.read_csv(tmp_path / "reports" / "tinysearch-confirm" / "summary.csv")
     assert confirm["variant"].tolist()[0] == "baseline" and 2 <= len(confirm) <= 3
     cells = pd.read_csv(tmp_path / "reports" / "tinysearch-confirm" / "results.csv")
@@ -206,3 +208,31 @@ def test_a_changed_search_starts_new_trials_and_the_old_stay_readable(workdir, c
     names = set(optuna.get_all_study_names(storage))
     assert old_name in names and trials_name(second, 2) in names
     assert len(optuna.load_study(study_name=trials_name(second, 2), storage=storage).get_trials()) == 2  # anew
+
+
+def test_the_search_report_states_the_budget_in_force_and_no_partial_loss_as_a_value(workdir):
+    """A search run with --trials had its report print the study file's budget; a pruned trial's
+    last partial loss (Optuna's value for a pruned trial) stood in the value column."""
+    from chae_ablate.search import SearchSummary
+    from chae_ablate.search_report import write_search_report
+    study = load_study(STUDIES / "search-quickstart.yaml")
+    knobs = {k.path: (k.choices[0] if k.choices else k.low) for k in study.space}
+    trials = [{"number": 0, "state": "done", "value": 0.8, "reason": "", "pruned_at_epoch": None,
+               "loss_when_pruned": None, "params": knobs, "retry_of": None},
+              {"number": 1, "state": "done", "value": 0.7, "reason": "", "pruned_at_epoch": None,
+               "loss_when_pruned": None, "params": knobs, "retry_of": None},
+              {"number": 2, "state": "pruned", "value": None, "reason": "", "pruned_at_epoch": 1,
+               "loss_when_pruned": 2.5, "params": knobs, "retry_of": None}]
+    budget = study.search.trials - 1
+    path = write_search_report(study, SearchSummary("s-search", trials, None, budget), {}, {1: 1.0}, 0.1,
+                               out_dir=workdir / "report")
+    text = path.read_text()
+    assert f"Budget: {budget} trained trials (--trials; the study file says {study.search.trials})" in text
+    table = pd.read_csv(workdir / "report" / "trials.csv")
+    pruned = table[table["state"] == "pruned"].iloc[0]
+    assert pd.isna(pruned["value"]) and pruned["loss_when_pruned"] == 2.5
+
+
+def test_worker_trials_belongs_to_a_search(workdir):
+    result = CliRunner().invoke(app, ["worker", str(STUDIES / "synthetic-tiny.yaml"), "--trials", "3"])
+    assert result.exit_code == 1 and "worker --trials: only with --search" in result.output

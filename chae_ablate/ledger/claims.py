@@ -39,7 +39,7 @@ BEAT = "beat"  # trial user attribute: the holder's heartbeat counter
 DEATHS = "deaths"  # trial user attribute: how many holders of this cell died while training it
 WORKER = "worker"  # trial user attribute: host, process and SLURM task, for `chae-ablate status`
 REASON = "failure_reason"
-HOLDING = (HOLDER, BEAT, WORKER, REASON, "lease_at")  # never copied to a re-queued trial (lease_at: before 0.5)
+HOLDING = (HOLDER, BEAT, WORKER, REASON, "lease_at")  # never copied to a re-queued trial (lease_at: an earlier lease)
 SETTINGS = "claims"  # study user attribute: the ClaimSettings every worker of the study uses
 
 

@@ -208,14 +208,18 @@ class SearchLedger(ClaimedStudy):
 
     def trials(self) -> list[dict]:
         """One plain row per trial: number, state (a CellState's name, or rejected / over_budget for
-        a trial that trained nothing), value, reason, pruned epoch, params."""
+        a trial that trained nothing), value (a finished trial's only), reason, pruned epoch and the
+        first seed's validation loss there (a pruned trial's), params."""
         rows = []
         for t in self.study.get_trials(deepcopy=False):
             outcome = t.user_attrs.get("outcome")
             state = outcome if outcome in (REJECTED, OVER_BUDGET) else str(STATES[t.state])
-            rows.append({"number": t.number, "state": state, "value": t.value, "reason": t.user_attrs.get("reason", ""),
-                         "pruned_at_epoch": t.user_attrs.get("pruned_at_epoch"), "params": dict(t.params),
-                         "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)})
+            pruned_at = t.user_attrs.get("pruned_at_epoch") if t.state == TrialState.PRUNED else None
+            rows.append({"number": t.number, "state": state,
+                         "value": t.value if t.state == TrialState.COMPLETE else None,  # Optuna gives a pruned
+                         "reason": t.user_attrs.get("reason", ""),  # trial its last partial loss as a value
+                         "pruned_at_epoch": pruned_at, "loss_when_pruned": t.intermediate_values.get(pruned_at),
+                         "params": dict(t.params), "retry_of": RetryHeartbeatStaleTrialCallback.retried_trial_number(t)})
         return rows
 
     def importances(self) -> dict[str, float]:
