@@ -86,7 +86,8 @@ class ArrayTask:
             raise ChaeError(f"{len(failed)} of {len(result.cells)} cells failed; see the report; resubmit to retry")
         left = len(result.unfinished)
         return (f"task {index}: {len(result.cells) - left} of {len(result.cells)} cells done"
-                + (f", {left} still with other tasks" if left else "") + f"; report {result.report}")
+                + (f", {left} still with other tasks" if left else "")
+                + (f"; report {result.report}" if result.report else "; the last task to finish writes the report"))
 
     def checkpoint(self, index: int):
         """Requeue this task as it was: the cell it held resumes from its epoch checkpoint."""

@@ -335,7 +335,7 @@ def study_status(study: Study, options: RunOptions) -> Outcome:
     if not study_exists(study.name, options.storage_url):
         raise ChaeError(f"study {study.name}: not in the ledger {masked(options.storage_url)}; "
                         "start it first, or pass the --storage (and --runs-dir) it runs with")
-    ledger = Ledger(study.name, options.storage_url)
+    ledger = Ledger(study.name, options.storage_url, reading=True)
     return outcome(study.plan(), ledger.records())
 
 
@@ -363,7 +363,8 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     session.log.finish()
     standing = outcome(study.plan(), session.ledger.records())
     summary = RunSummary(study.name, list(standing.records.values()), link=tracking.experiment_link(study.name))
-    if report:
+    others_training = any(c.state in (CellState.QUEUED, CellState.RUNNING) for c in summary.cells)
+    if report and not (others_training and not options.linger):  # the last to finish writes it, whole
         summary.report = write_report(study.name, plan=study.plan())
         summary.verdicts = summary_table_text(summary.report.parent)
     return summary

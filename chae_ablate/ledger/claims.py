@@ -69,7 +69,7 @@ class ClaimSettings:
 DEFAULTS = {"database": ClaimSettings(5, 15, 3), "journal": ClaimSettings(20, 60, 3)}
 
 
-def settle(study: optuna.Study, asked: dict[str, int | None], kind: str) -> ClaimSettings:
+def settle(study: optuna.Study, asked: dict[str, int | None], kind: str, store: bool = True) -> ClaimSettings:
     """The claim settings of `study`: those stored with it; for a new study (or one from before they
     were stored) the asked ones over the defaults of its storage kind, then stored. An asked
     heartbeat or grace that differs from the stored one is refused (every worker of a study must
@@ -88,7 +88,8 @@ def settle(study: optuna.Study, asked: dict[str, int | None], kind: str) -> Clai
                                 f"{option} out (or start afresh with --fresh)")
         return settings
     settings = ClaimSettings(**{**asdict(DEFAULTS[kind]), **{k: v for k, v in asked.items() if v is not None}}).check(kind)
-    study.set_user_attr(SETTINGS, json.dumps(asdict(settings)))
+    if store:
+        study.set_user_attr(SETTINGS, json.dumps(asdict(settings)))
     return settings
 
 
@@ -210,14 +211,15 @@ def recover_stale(study: optuna.Study, watch: Watch, retries: int, lock, on_give
 
 class ClaimedStudy:
     """An Optuna study whose trials workers claim and hold by this protocol (a study's cells, a
-    search's trials). heartbeat_s, grace_s, retries: None for the study's own, or the defaults."""
+    search's trials). heartbeat_s, grace_s, retries: None for the study's own, or the defaults.
+    reading: a reader's (`status`), which stores nothing."""
 
     def __init__(self, name: str, url: str, *, heartbeat_s: int | None = None, grace_s: int | None = None,
-                 retries: int | None = None, **study_kwargs):
+                 retries: int | None = None, reading: bool = False, **study_kwargs):
         self.study = open_study(name, url, **study_kwargs)
         self.name, self.url = name, url
         self.settings = retrying(settle, self.study, {"heartbeat_s": heartbeat_s, "grace_s": grace_s,
-                                                      "retries": retries}, kind(url))
+                                                      "retries": retries}, kind(url), store=not reading)
         self.watch = Watch(self.settings.grace_s)
         self._given_up: list[FrozenTrial] = []  # trials this worker failed for good (their workers kept dying)
 
