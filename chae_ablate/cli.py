@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import signal
+import warnings
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -291,7 +292,18 @@ def _terminated(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def _warning_line(message, category, filename, lineno, line=None) -> str:
+    """The project's own warnings (a checkpoint moved aside, a journal repaired) as one line."""
+    if category.__module__.startswith("chae_ablate."):
+        return f"warning: {message}\n"
+    return _python_warning(message, category, filename, lineno, line)
+
+
+_python_warning = warnings.formatwarning
+
+
 def main() -> None:
     # SIGTERM (kill, a scheduler ending a job) stops like Ctrl-C: a held cell goes back to the queue
     signal.signal(signal.SIGTERM, _terminated)
+    warnings.formatwarning = _warning_line
     app()

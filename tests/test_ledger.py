@@ -15,7 +15,7 @@ from chae_ablate.errors import ChaeError
 from chae_ablate.ledger import Ledger, journal_file, masked, recorded_versions, storage_url, study_exists
 from chae_ablate.ledger import DEFAULTS, TakenOver
 from chae_ablate.ledger.claims import BEAT, DEATHS, HOLDER, Watch
-from chae_ablate.ledger.storage import internals
+from chae_ablate.ledger.storage import JournalRepaired, internals
 from chae_ablate.records import CellState, PlannedCell
 from chae_ablate.study import load_study
 
@@ -305,7 +305,7 @@ def test_a_torn_last_journal_record_is_cut_off_and_the_study_goes_on(tmp_path):
     whole = path.read_bytes()
     with open(path, "ab") as f:
         f.write(b'{"op_code":5,"worker_id":"dead","trial_id":0,"sta')  # torn by a kill
-    with pytest.warns(UserWarning, match="cut off a torn last record"):
+    with pytest.warns(JournalRepaired, match="cut off a torn last record"):
         claim = open_ledger(study.name, url).claim(hashes(study))
     assert claim is not None
     claim.complete({"best_val_loss": 0.5})
@@ -319,7 +319,7 @@ def test_a_journal_damaged_inside_is_one_line_naming_the_file(tmp_path):
     open_ledger(study.name, f"journal:{path}").queue(planned(study))
     lines = path.read_bytes().splitlines(keepends=True)
     path.write_bytes(b"".join(lines[:1] + [b'{"op_code":5,"wor' + lines[1]] + lines[2:]))  # an old torn record, appended to
-    with pytest.raises(ChaeError, match=f"ledger journal {path}: a record is damaged"):
+    with pytest.raises(ChaeError, match=f"ledger journal {path}: a record inside it is damaged"):
         open_ledger(study.name, f"journal:{path}").records()
 
 

@@ -65,7 +65,7 @@ class ClaimSettings:
         return self
 
 
-# heartbeat, grace: a journal appends a record per beat, so it beats less often (under 0.5 MB a worker-day)
+# heartbeat, grace: a journal appends a record per beat, so it beats less often (~0.5 MB a worker-day)
 DEFAULTS = {"database": ClaimSettings(5, 15, 3), "journal": ClaimSettings(20, 60, 3)}
 
 

@@ -193,6 +193,10 @@ def _schema_race(err: BaseException) -> bool:
         and ("locked" in text or "already exists" in text))
 
 
+class JournalRepaired(UserWarning):
+    """A journal's torn last record was cut off."""
+
+
 class JournalBackend(JournalFileBackend):
     """Optuna's journal file, which cuts off a torn last record before appending (Optuna would
     append after it and leave a line no process can read again) and reports any other damage in
@@ -207,9 +211,9 @@ class JournalBackend(JournalFileBackend):
         try:
             yield from super().read_logs(log_number_from)
         except ValueError as err:  # json.JSONDecodeError too
-            raise ChaeError(f"ledger journal {self.path}: a record is damaged ({str(err)[:100]}), not only cut short "
-                            "at the end, which is repaired by itself; move the file aside and rerun with "
-                            "--fresh, or restore a copy") from None
+            raise ChaeError(f"ledger journal {self.path}: a record inside it is damaged ({str(err)[:80]}); a record "
+                            "cut short at the end is repaired by itself, this is not; restore a copy, or move the "
+                            "file aside and rerun with --fresh") from None
 
     def append_logs(self, logs: list[dict[str, Any]]) -> None:
         with get_lock_file(self._lock):
@@ -244,7 +248,7 @@ def _cut_torn_tail(path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     warnings.warn(f"ledger journal {path}: cut off a torn last record ({size - keep} bytes) that a killed "
-                  "writer left; the study goes on", stacklevel=2)
+                  "writer left; the study goes on", JournalRepaired, stacklevel=2)
 
 
 # --- who holds a trial -----------------------------------------------------------------------
