@@ -113,8 +113,8 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
     for c in summary.unfinished:
         typer.echo(f"not finished: {c.label} {c.state} {c.failure_reason}")
     if summary.unfinished:
-        raise ChaeError(f"{len(summary.unfinished)} of {len(summary.cells)} cells did not finish; "
-                        "rerun the same command to retry")
+        raise ChaeError(f"{len(summary.unfinished)} of {len(summary.cells)} cells did not finish; rerun the same "
+                        "command to retry (a cell whose worker kept dying: with a higher --retries)")
 
 
 def _cells_text(cells, worker: bool = False) -> str:

@@ -159,15 +159,14 @@ def signature(trial: FrozenTrial) -> tuple:
 # --- failing and re-queueing ---------------------------------------------------------------------
 
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str, died: bool, retries: int) -> str | None:
-    """Fail a running trial with `reason` and queue a fresh copy of it (no holder, no beat):
-    'requeued'; after more than `retries` deaths no copy: 'failed'. None when the trial was no
+    """Fail a running trial with `reason` (and what became of it) and queue a fresh copy of it (no
+    holder, no beat): 'requeued'; after more than `retries` deaths no copy: 'failed'. None when the trial was no
     longer running (its holder finished, or another worker failed it first)."""
     storage, trial_id = internals(study, trial)
     deaths = int(trial.user_attrs.get(DEATHS, 0)) + died
     given_up = died and deaths > retries
-    if given_up:
-        reason = (f"{reason}; its worker died {deaths} times while training it, not retried again (--retries "
-                  f"{retries}; a rerun with a higher --retries tries again)")
+    reason += (f"; its worker died {deaths} times while training it, not retried again (--retries {retries}; a "
+               "rerun with a higher --retries tries again)" if given_up else "; re-queued")
     try:
         storage.set_trial_user_attr(trial_id, DEATHS, deaths)
         storage.set_trial_user_attr(trial_id, REASON, reason[:2000])
@@ -202,7 +201,7 @@ def recover_stale(study: optuna.Study, watch: Watch, retries: int, lock, on_give
             why = ("its worker process is gone" if gone else
                    f"its worker was silent for {watch.grace_s:g} s (no heartbeat)")
             worker = fresh.user_attrs.get(WORKER)
-            reason = f"{why}{f' ({worker})' if worker else ''}; re-queued"
+            reason = f"{why}{f' ({worker})' if worker else ''}"
             if requeue(study, fresh, reason, died=True, retries=retries) == "failed":
                 on_given_up(storage.get_trial(trial_id))
 
@@ -245,8 +244,8 @@ class ClaimedStudy:
         """Hand a held trial back to the queue at once (its worker stops on purpose: preemption,
         Ctrl-C, a lost server); not counted as a death."""
         if self.still_holds(trial_id, holder):
-            requeue(self.study, internals(self.study)[0].get_trial(trial_id), f"released by its worker ({why}); "
-                    "re-queued", died=False, retries=self.settings.retries)
+            requeue(self.study, internals(self.study)[0].get_trial(trial_id), f"released by its worker ({why})",
+                    died=False, retries=self.settings.retries)
 
 
 class Heartbeat:
