@@ -98,10 +98,23 @@ class ArrayTask:
 def preempt_on_sigterm() -> None:
     """SIGTERM as SLURM's preemption signal where the cluster sends no SIGUSR2 first
     (preempt_send_user_signal unset): submitit's own handler, which requeues the task and exits,
-    and the worker hands its cell back (submitit would ignore SIGTERM and die at SIGKILL)."""
+    and the worker hands its cell back (submitit would ignore SIGTERM and die at SIGKILL). Once:
+    SLURM sends SIGTERM again as it requeues the task, and a second requeue fails. A requeue that
+    fails (the job was cancelled) ends the task too, rather than failing the cell it trains."""
     handler = signal.getsignal(signal.SIGUSR2)
-    if callable(handler) and signal.getsignal(signal.SIGTERM) is not handler:
-        signal.signal(signal.SIGTERM, handler)
+    if not callable(handler) or getattr(handler, "preempts_once", False):
+        return
+
+    def once(signum, frame) -> None:
+        for ignored in (signal.SIGTERM, signal.SIGUSR2):
+            signal.signal(ignored, signal.SIG_IGN)
+        try:
+            handler(signum, frame)
+        except Exception as err:
+            raise SystemExit(f"{signal.Signals(signum).name}: the task could not be requeued ({err})") from None
+    once.preempts_once = True
+    signal.signal(signal.SIGUSR2, once)
+    signal.signal(signal.SIGTERM, once)
 
 
 def refuse_local_tracking(slurm: SlurmOptions) -> None:

@@ -120,9 +120,9 @@ class Worker:
                 tracking.wait_for_server(notify)
                 continue
             except BaseException as stop:  # Ctrl-C, SIGTERM or SLURM's signal (SystemExit), a lost ledger
-                best_effort(claim.release, type(stop).__name__)
-                notify(f"cell {cell.label}: stopped ({type(stop).__name__}); handed back to the queue, its "
-                       "checkpoint kept")
+                back = ("handed back to the queue" if best_effort(claim.release, type(stop).__name__) else
+                        "back in the queue once the grace period has passed")
+                notify(f"cell {cell.label}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
                 raise
             done += 1
             on_cell_done(cell, result)
@@ -149,8 +149,9 @@ class Worker:
 
     def train(self, cell: Cell, reporter: EpochReporter) -> dict[str, float]:
         """Train a cell with its MLflow run, checkpoints and system metrics; returns its summary
-        metrics. A failure is recorded on the run and raised as CellError (ChaeError when a server
-        was lost); CellPruned when the reporter's pruner stops it."""
+        metrics. A failure is recorded on the run and raised as CellError (ChaeError when the ledger
+        was lost, TrackingLost when the MLflow store stayed away); CellPruned when the reporter's
+        pruner stops it; TakenOver when another worker holds the cell now."""
         checkpoints = checkpoint_dir(self.options, self.study, cell)
         try:
             run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
@@ -206,13 +207,14 @@ class CellPruned(Exception):
         self.epoch = epoch
 
 
-def best_effort(record, *args) -> None:
+def best_effort(record, *args) -> bool:
     """Record on one side even when the other side's server was lost (a stale trial is re-queued,
-    a RUNNING MLflow run is failed by the cell's next attempt)."""
+    a RUNNING MLflow run is failed by the cell's next attempt); whether it was recorded."""
     try:
         record(*args)
+        return True
     except Exception:
-        pass
+        return False
 
 
 class EpochReporter:

@@ -75,9 +75,12 @@ def test_an_array_is_refused_a_local_mlflow_store_with_the_fix(workdir, monkeypa
     refuse_local_tracking(SlurmOptions(array=3))
 
 
-def test_sigterm_is_taken_as_slurms_preemption_signal():
+def test_sigterm_is_taken_as_slurms_preemption_signal_once():
     """Clusters without preempt_send_user_signal preempt with SIGTERM, which submitit ignored (then
-    SIGKILL, no requeue): an array task hands SIGTERM to the handler submitit set for SIGUSR2."""
+    SIGKILL, no requeue): an array task hands SIGTERM to the handler submitit set for SIGUSR2. Only
+    once: SLURM sends SIGTERM again as it requeues the task, and that second requeue failed inside
+    the cell being trained (seen on the real SLURM: the cell failed with CalledProcessError). A
+    requeue that fails ends the task (SystemExit: the worker hands its cell back)."""
     import signal
 
     from chae_ablate.cluster import preempt_on_sigterm
@@ -87,7 +90,16 @@ def test_sigterm_is_taken_as_slurms_preemption_signal():
         signal.signal(signal.SIGUSR2, lambda signum, frame: calls.append(signum))
         preempt_on_sigterm()
         signal.raise_signal(signal.SIGTERM)
+        signal.raise_signal(signal.SIGTERM)  # SLURM's, as it requeues
+        signal.raise_signal(signal.SIGUSR2)
         assert calls == [signal.SIGTERM]
+
+        def refused(signum, frame):
+            raise RuntimeError("scontrol requeue: job is cancelled")
+        signal.signal(signal.SIGUSR2, refused)
+        preempt_on_sigterm()
+        with pytest.raises(SystemExit, match="SIGTERM: the task could not be requeued .*cancelled"):
+            signal.raise_signal(signal.SIGTERM)
     finally:
         signal.signal(signal.SIGUSR2, saved[0])
         signal.signal(signal.SIGTERM, saved[1])
