@@ -17,12 +17,19 @@ class DataError(ChaeError):
     """A dataset that is missing, empty or unusable."""
 
 
-def retrying(call, *args, transient, attempts: int = 5, **kwargs):
-    """call(*args, **kwargs), retried after 1, 2, 4, 8 s while transient(error)."""
-    for attempt in range(attempts):
+def retrying(call, *args, transient, attempts: int = 5, within_s: float | None = None, max_delay_s: float = 60.0,
+             **kwargs):
+    """call(*args, **kwargs), retried while transient(error) after 1, 2, 4, 8 ... s (at most
+    max_delay_s apart): `attempts` tries in all, or with within_s every try that starts within
+    that many seconds."""
+    deadline = None if within_s is None else time.monotonic() + within_s
+    delay, attempt = 1.0, 1
+    while True:
         try:
             return call(*args, **kwargs)
         except Exception as err:
-            if attempt == attempts - 1 or not transient(err):
+            spent = attempt >= attempts if deadline is None else time.monotonic() + delay > deadline
+            if spent or not transient(err):
                 raise
-            time.sleep(2 ** attempt)
+        time.sleep(delay)
+        delay, attempt = min(delay * 2, max_delay_s), attempt + 1

@@ -111,19 +111,10 @@ class Worker:
             if ledger.is_duplicate(claim):
                 claim.fail("duplicate of a cell another worker holds or finished; skipped")
                 continue
-            try:
-                with claim.heartbeat():
-                    result = self.run_cell(cell, claim)
-            except TrackingLost as lost:
-                best_effort(claim.release, "lost the MLflow store")
-                notify(f"cell {cell.label}: {lost}; handed back to the queue, its checkpoint kept")
-                tracking.wait_for_server(notify)
-                continue
-            except BaseException as stop:  # Ctrl-C, SIGTERM or SLURM's signal (SystemExit), a lost ledger
-                back = ("handed back to the queue" if best_effort(claim.release, type(stop).__name__) else
-                        "back in the queue once the grace period has passed")
-                notify(f"cell {cell.label}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
-                raise
+            result = handed_back_on_stop(f"cell {cell.label}", claim.release, claim.heartbeat(), self.run_cell,
+                                         cell, claim)
+            if result is None:
+                continue  # handed back after an MLflow outage
             done += 1
             on_cell_done(cell, result)
 
@@ -185,6 +176,26 @@ class Worker:
             if lost:
                 raise ChaeError(f"cell {cell.label}: {lost}; its checkpoint is kept, rerun to resume") from None
             raise CellError(reason) from None
+
+
+def handed_back_on_stop(what: str, release, heartbeat, work, *args):
+    """work(*args) for a held cell or trial, its heartbeat beating. When the MLflow store stays away,
+    stop beating, hand it back (release(why)), wait for the store and return None; on any stop
+    (Ctrl-C, SIGTERM or SLURM's signal as SystemExit, a lost ledger) hand it back and re-raise. Its
+    checkpoint stays either way."""
+    try:
+        with heartbeat:
+            return work(*args)
+    except TrackingLost as lost:
+        best_effort(release, "lost the MLflow store")
+        notify(f"{what}: {lost}; handed back to the queue, its checkpoint kept")
+        tracking.wait_for_server(notify)
+        return None
+    except BaseException as stop:
+        back = ("handed back to the queue" if best_effort(release, type(stop).__name__) else
+                "back in the queue once the grace period has passed")
+        notify(f"{what}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
+        raise
 
 
 class TrackingLost(Exception):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from . import tracking, versions
+from . import versions
 from .analysis import absolute_margin, outcome
 from .config import to_dict
 from .errors import ChaeError, ConfigError
@@ -31,9 +31,9 @@ from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTr
 from .metrics import RANKING
 from .options import RunOptions
 from .records import CellState
-from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, TrackingLost, Worker, best_effort,
-                     admit, check_runs_dir, child_device, forget, notify, open_session, recorded, run_study,
-                     set_threads, stores)
+from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
+                     child_device, forget, handed_back_on_stop, notify, open_session, recorded, run_study, set_threads,
+                     stores)
 from .search_report import write_search_report
 from .space import Knob
 from .study import Study, Variant, cell_hash, config_key
@@ -204,17 +204,10 @@ class Searcher:
             rejected = 0
             try:
                 self.ledger.accept(trial)
-                with self.ledger.heartbeat(trial):
-                    self.train_trial(trial, config)
+                handed_back_on_stop(f"search trial {trial.number}", lambda why: self.ledger.release(trial, why),
+                                    self.ledger.heartbeat(trial), self.train_trial, trial, config)
             except TakenOver as err:
                 notify(f"search trial {trial.number}: {err}; stopped here, writing nothing more")
-            except TrackingLost as lost:
-                best_effort(self.ledger.release, trial, "lost the MLflow store")
-                notify(f"search trial {trial.number}: {lost}; handed back to the queue, its checkpoints kept")
-                tracking.wait_for_server(notify)
-            except BaseException as stop:  # Ctrl-C, SIGTERM or SLURM's signal, a lost ledger
-                best_effort(self.ledger.release, trial, type(stop).__name__)
-                raise
 
     def random_feasible(self, tries: int = 200) -> dict | None:
         """A uniformly drawn combination the builder accepts (None if none turns up in `tries`)."""

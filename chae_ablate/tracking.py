@@ -84,15 +84,7 @@ def transient(err: BaseException) -> bool:
 def patiently(call, *args, **kwargs):
     """call(*args, **kwargs), retried after 1, 2, 4, 8, 10, 10 ... s while the store is unavailable,
     for up to patience_s()."""
-    deadline, delay = time.monotonic() + patience_s(), 1.0
-    while True:
-        try:
-            return call(*args, **kwargs)
-        except Exception as err:
-            if not transient(err) or time.monotonic() + delay > deadline:
-                raise
-            time.sleep(delay)
-            delay = min(delay * 2, 10.0)
+    return retrying(call, *args, transient=transient, within_s=patience_s(), max_delay_s=10.0, **kwargs)
 
 
 class PatientClient:
@@ -151,19 +143,14 @@ def wait_for_server(say) -> None:
     """Wait, retrying with backoff, until the MLflow store answers again; ChaeError after
     OUTAGE_WAIT_S (CHAE_TRACKING_OUTAGE_WAIT_S). say(line) tells the person waiting."""
     limit = float(os.environ.get("CHAE_TRACKING_OUTAGE_WAIT_S", OUTAGE_WAIT_S))
-    deadline, delay = time.monotonic() + limit, 2.0
     say(f"waiting for the MLflow store {tracking_uri()} to answer again (up to {limit:g} s)")
-    while True:
-        try:
-            MlflowClient(tracking_uri=tracking_uri()).search_experiments(max_results=1)
-            say(f"the MLflow store {tracking_uri()} answers again; going on")
-            return
-        except Exception as err:
-            if not transient(err) or time.monotonic() + delay > deadline:
-                raise ChaeError(f"the MLflow store {tracking_uri()} did not come back within {limit:g} s; "
-                                "restart it, then rerun (every checkpoint is kept)") from None
-        time.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    try:
+        retrying(lambda: MlflowClient(tracking_uri=tracking_uri()).search_experiments(max_results=1),
+                 transient=transient, within_s=limit, max_delay_s=5.0)
+    except Exception:
+        raise ChaeError(f"the MLflow store {tracking_uri()} did not come back within {limit:g} s; "
+                        "restart it, then rerun (every checkpoint is kept)") from None
+    say(f"the MLflow store {tracking_uri()} answers again; going on")
 
 
 @cache

@@ -46,3 +46,32 @@ def chae(*args: str, cwd: Path, env: dict[str, str] | None = None, prefix: tuple
     full.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.Popen([*prefix, sys.executable, "-m", "chae_ablate", *args], cwd=cwd, env={**full, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def undisturbed_metrics(study_path: Path, runs_dir: Path, overrides: dict | None = None) -> dict:
+    """(variant, seed) -> summary metrics of each cell of the study trained here, undisturbed, on one
+    thread (as the tests' workers run), to hold a disturbed run's metrics against."""
+    import torch
+
+    from chae_ablate.data import load_dataset
+    from chae_ablate.study import load_study
+    from chae_ablate.train import train_cell
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = {}
+        for cell in load_study(study_path, overrides or {}).cells():
+            data = load_dataset(cell.config.data, cell.config.model.resolution, runs_dir)
+            out[(cell.variant.name, cell.seed)] = train_cell(config=cell.config, seed=cell.seed, data=data,
+                                                             device=torch.device("cpu")).summary()
+        return out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def assert_undisturbed_metrics(runs: list, reference: dict) -> None:
+    """Each MLflow cell run's summary metrics equal the undisturbed run's of its (variant, seed)."""
+    for run in runs:
+        expected = reference[(run.data.tags["variant"], int(run.data.tags["seed"]))]
+        for key in ("best_val_loss", "test_loss", "test_acc"):
+            assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key

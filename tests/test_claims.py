@@ -12,7 +12,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import chae
+from conftest import assert_undisturbed_metrics, chae, undisturbed_metrics
 
 pytestmark = pytest.mark.slow
 HOOKS = Path(__file__).parent / "hooks"
@@ -34,33 +34,6 @@ def write_study(folder: Path, name: str, seeds: list[int]) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(STUDY.format(name=name, seeds=seeds))
     return path
-
-
-def undisturbed(study_path: Path, tmp_path: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """(variant, seed) -> summary metrics of each cell trained here, undisturbed, on one thread."""
-    import torch
-
-    from chae_ablate.data import load_dataset
-    from chae_ablate.study import load_study
-    from chae_ablate.train import train_cell
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        out = {}
-        for cell in load_study(study_path).cells():
-            data = load_dataset(cell.config.data, cell.config.model.resolution, tmp_path / "undisturbed")
-            result = train_cell(config=cell.config, seed=cell.seed, data=data, device=torch.device("cpu"))
-            out[(cell.variant.name, cell.seed)] = result.summary()
-        return out
-    finally:
-        torch.set_num_threads(threads)
-
-
-def assert_undisturbed_metrics(runs: list, reference: dict) -> None:
-    for run in runs:
-        expected = reference[(run.data.tags["variant"], int(run.data.tags["seed"]))]
-        for key in ("best_val_loss", "test_loss", "test_acc"):
-            assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
 
 
 def trials(folder: Path, name: str) -> list:
@@ -99,7 +72,7 @@ def test_a_worker_whose_clock_runs_40_s_ahead_takes_no_live_cell(tmp_path):
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["cell_hash"] for r in runs}) == 4
     assert all(epochs_logged(tmp_path, r) == [1, 2, 3] for r in runs)  # each epoch trained and logged once
-    assert_undisturbed_metrics(runs, undisturbed(study, tmp_path))
+    assert_undisturbed_metrics(runs, undisturbed_metrics(study, tmp_path / "undisturbed"))
 
 
 def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp_path):
@@ -127,6 +100,6 @@ def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp
     assert "died 2 times" in by_variant["depth2"][-1].user_attrs["failure_reason"]
     runs = {r.data.tags["variant"]: r for r in cell_runs(tmp_path, "oom")}
     assert runs["baseline"].info.status == "FINISHED"
-    assert_undisturbed_metrics([runs["baseline"]], undisturbed(study, tmp_path))
+    assert_undisturbed_metrics([runs["baseline"]], undisturbed_metrics(study, tmp_path / "undisturbed"))
     assert runs["depth2"].info.status == "FAILED" and "died 2 times" in runs["depth2"].data.tags["failure_reason"]
     assert "died 2 times" in (tmp_path / "reports" / "oom" / "report.md").read_text()

@@ -28,7 +28,7 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 
-from conftest import STUDIES, slow_study
+from conftest import STUDIES, assert_undisturbed_metrics, slow_study, undisturbed_metrics
 
 pytestmark = pytest.mark.slow
 DONE_ROW = re.compile(r"^\S+\s+\d+\s+done\s", re.M)  # a row of the cells table `run` prints
@@ -366,25 +366,11 @@ PATIENT = {"CHAE_TRACKING_PATIENCE_S": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "
 _undisturbed: dict = {}
 
 
-def undisturbed_metrics(tmp_path: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """(variant, seed) -> summary metrics of each cell trained in this process, undisturbed (one
-    thread, as the workers), computed once per session."""
+def undisturbed(tmp_path: Path) -> dict[tuple[str, int], dict[str, float]]:
+    """The DISTURBED study's cells trained undisturbed (conftest.undisturbed_metrics), once per session."""
     if not _undisturbed:
-        import torch
-
-        from chae_ablate.data import load_dataset
-        from chae_ablate.study import load_study
-        from chae_ablate.train import train_cell
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            study = load_study(study_file(tmp_path, DISTURBED, "undisturbed"), {"protocol.seeds": [0, 1]})
-            for cell in study.cells():
-                data = load_dataset(cell.config.data, cell.config.model.resolution, tmp_path / "undisturbed-runs")
-                result = train_cell(config=cell.config, seed=cell.seed, data=data, device=torch.device("cpu"))
-                _undisturbed[(cell.variant.name, cell.seed)] = result.summary()
-        finally:
-            torch.set_num_threads(threads)
+        _undisturbed.update(undisturbed_metrics(study_file(tmp_path, DISTURBED, "undisturbed"),
+                                                tmp_path / "undisturbed-runs", {"protocol.seeds": [0, 1]}))
     return _undisturbed
 
 
@@ -399,9 +385,7 @@ def assert_each_cell_finished_once(tracking: str, name: str, reference: dict) ->
     for run in finished:
         steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
         assert steps == list(range(1, 7)), (run.data.tags["variant"], steps)  # no epoch trained twice
-        expected = reference[(run.data.tags["variant"], int(run.data.tags["seed"]))]
-        for key in ("best_val_loss", "test_loss", "test_acc"):
-            assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-6, abs=1e-7), key
+    assert_undisturbed_metrics(finished, reference)
 
 
 @pytest.mark.parametrize("ledger, outage_s", [("journal", 30), ("postgres", 5)], ids=["journal", "postgres"])
@@ -434,7 +418,7 @@ def test_chaos_a_server_outage_and_random_kills_train_each_cell_once(ledger, out
             time.sleep(0.5)
         stop_mlflow(server)
         stopped = time.time()
-        reference = undisturbed_metrics(tmp_path)  # while the workers wait
+        reference = undisturbed(tmp_path)  # while the workers wait
         time.sleep(max(0.0, outage_s - (time.time() - stopped)))
         server, _ = start_mlflow(tmp_path / "server", port)
         while any(w.poll() is None for w in workers) and time.time() < deadline and kills < 3:

@@ -141,7 +141,7 @@ class Watch:
 
     def silent(self, trial: FrozenTrial) -> bool:
         """Whether the trial's beat has stood still for more than the grace period of watching."""
-        sign, now, (_, trial_id) = signature(trial), self.clock(), (None, trial_id_of(trial))
+        sign, now, trial_id = signature(trial), self.clock(), trial_id_of(trial)
         seen = self._seen.get(trial_id)
         if seen is None or seen[0] != sign:
             self._seen[trial_id] = (sign, now)
@@ -238,23 +238,21 @@ class ClaimedStudy:
         return Heartbeat(self.study, trial_id, self.settings.heartbeat_s)
 
     def still_holds(self, trial_id: int, holder: str) -> bool:
-        return retrying(still_held, self.study, trial_id, holder)
+        return retrying(held_trial, self.study, trial_id, holder) is not None
 
     def release_trial(self, trial_id: int, holder: str, why: str) -> None:
         """Hand a held trial back to the queue at once (its worker stops on purpose: preemption,
         Ctrl-C, a lost server); not counted as a death."""
-        if self.still_holds(trial_id, holder):
-            requeue(self.study, internals(self.study)[0].get_trial(trial_id), f"released by its worker ({why})",
-                    died=False, retries=self.settings.retries)
+        if (trial := retrying(held_trial, self.study, trial_id, holder)) is not None:
+            requeue(self.study, trial, f"released by its worker ({why})", died=False, retries=self.settings.retries)
 
 
 class Heartbeat:
-    """A thread that advances the held trial's beat every `interval` seconds; `lost` once the trial
-    is no longer running (another worker took it over)."""
+    """A thread that advances the held trial's beat every `interval` seconds, until the trial is no
+    longer running (another worker took it over: the holder finds out at its next write)."""
 
     def __init__(self, study: optuna.Study, trial_id: int, interval: float):
         self.study, self.trial_id, self.interval = study, trial_id, interval
-        self.lost = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -265,7 +263,6 @@ class Heartbeat:
             try:
                 internals(self.study)[0].set_trial_user_attr(self.trial_id, BEAT, count)
             except optuna.exceptions.UpdateFinishedTrialError:
-                self.lost = True
                 return
             except Exception:  # a lost connection: keep trying; the grace period decides
                 pass
@@ -294,7 +291,7 @@ def taken_over() -> Iterator[None]:
         raise TakenOver("another worker holds this trial now") from None
 
 
-def still_held(study: optuna.Study, trial_id: int, holder: str) -> bool:
-    """Whether the trial is still RUNNING under this holder (read from the storage, not a cache)."""
+def held_trial(study: optuna.Study, trial_id: int, holder: str) -> FrozenTrial | None:
+    """The trial, if it is still RUNNING under this holder (read from the storage, not a cache)."""
     trial = internals(study)[0].get_trial(trial_id)
-    return trial.state == TrialState.RUNNING and trial.user_attrs.get(HOLDER) == holder
+    return trial if trial.state == TrialState.RUNNING and trial.user_attrs.get(HOLDER) == holder else None

@@ -99,8 +99,8 @@ class SearchLedger(ClaimedStudy):
 
     def ask(self, knobs: Iterable) -> SearchTrial:
         """A new trial (a dead worker's trial, re-queued with its params, comes first) with its knobs
-        (config.Knob: path, choices or low/high/step/log) drawn."""
-        self.recover()
+        (config.Knob: path, choices or low/high/step/log) drawn. Dead workers' trials were re-queued
+        by the pending() and used() that come before it."""
         with writer_lock(self.url):  # ask pops a re-queued trial: the same race as Ledger.claim
             trial = retrying(self.study.ask)
             holder = self.hold(internals(self.study, trial)[1])
