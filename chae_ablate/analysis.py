@@ -17,12 +17,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import numpy as np
-
 from . import stats
 from .config import AnalysisConfig, parse, to_dict
-from .metrics import LOWER_IS_BETTER
-from .records import CellRecord, CellState, PlannedCell, Verdict
+from .metrics import LOWER_IS_BETTER, Metric
+from .records import BASELINE, CellRecord, CellState, PlannedCell, Verdict
 
 
 @dataclass(frozen=True)
@@ -94,6 +92,7 @@ class Outcome:
     n_looks: int  # K, planned in advance
     margin: float  # absolute, in the metric's units (NaN until the baseline has a value)
     complete: bool  # every look the study needs is taken: nothing more to train
+    stopped: tuple[str, ...] = ()  # undecided variants stopped for futility (stats.futile) before the last look
 
     def value(self, cell: PlannedCell, metric: str) -> float:
         """The cell's metric when it is in the statistics (done, finite), else NaN."""
@@ -107,7 +106,7 @@ def outcome(plan: Plan, records: Iterable[CellRecord]) -> Outcome:
     at = {(c.variant, c.seed): by_hash.get(c.cell_hash) for c in plan.cells}
     values: dict[str, dict[int, float]] = {}
     for (variant, seed), record in at.items():
-        if math.isfinite(value := _value(record, plan.analysis.metric)):
+        if not math.isnan(value := _value(record, plan.analysis.metric)):
             values.setdefault(variant, {})[seed] = value
     settled = {key for key, r in at.items() if r is not None and r.state.settled}
     replay = analyse(values, lambda v, s: (v, s) in settled, plan.variants, plan.seeds, plan.analysis)
@@ -122,17 +121,14 @@ def outcome(plan: Plan, records: Iterable[CellRecord]) -> Outcome:
 
 
 def _value(record: CellRecord | None, metric: str) -> float:
+    """A finished cell's metric; a diverged cell's is the worst possible (stats counts it as the
+    worst value of its look); NaN when there is no result."""
     if record is None or record.state != CellState.DONE:
         return math.nan
-    return float(record.metrics.get(metric, math.nan))
-
-
-def absolute_margin(analysis: AnalysisConfig, baseline_values: Sequence[float]) -> float:
-    """The margin in the metric's units: as given, or a fraction of the baseline's mean."""
-    if not analysis.relative:
-        return analysis.margin
-    values = [v for v in baseline_values if math.isfinite(v)]
-    return analysis.margin * abs(float(np.mean(values))) if values else math.nan
+    value = float(record.metrics.get(metric, math.nan))
+    if not math.isfinite(value) and Metric.DIVERGED_EPOCH in record.metrics:
+        return math.inf if LOWER_IS_BETTER[metric] else -math.inf
+    return value
 
 
 def analyse(values: Mapping[str, Mapping[int, float]], settled, variants: Sequence[str],
@@ -149,31 +145,75 @@ def analyse(values: Mapping[str, Mapping[int, float]], settled, variants: Sequen
     needed = {v: [] for v in variants}
     decisions: dict[str, stats.Decision] = {}
     taken = {v: 0 for v in others}
-    active, margin = others, math.nan
+    active, margin, stopped = others, math.nan, []
 
     def standing(complete: bool) -> Outcome:
-        return Outcome((), {}, (), (), needed, decisions, taken, len(looks), margin, complete)
+        return Outcome((), {}, (), (), needed, decisions, taken, len(looks), margin, complete, tuple(stopped))
 
     for k, n in enumerate(looks):
         for v in [baseline, *active]:
             needed[v] = list(seeds[v])[:n] if analysis.adaptive else list(seeds[v])
         if not all(settled(v, s) for v in [baseline, *active] for s in needed[v]):
             return standing(complete=False)
-        base = values.get(baseline, {})
-        if k == 0:
-            margin = absolute_margin(analysis, [base[s] for s in needed[baseline] if s in base])
+        known = {v: {s: values[v][s] for s in needed[v] if s in values.get(v, {})} for v in variants}
+        margin = stats.absolute_margin(analysis.margin, analysis.relative,
+                                       [y for y in known[baseline].values() if math.isfinite(y)])
         if not active:
             break
-        diffs = {v: [values.get(v, {})[s] - base[s] for s in needed[v] if s in base and s in values.get(v, {})]
-                 for v in active}
-        usable = math.isfinite(margin) and margin > 0
-        looked = stats.decide(diffs, margin if usable else 1.0, n_looks=len(looks), alpha=analysis.alpha,
-                              n_variants=len(others), lower_is_better=LOWER_IS_BETTER[analysis.metric])
-        if not usable:  # no baseline value to size a relative margin: nothing can be decided
-            looked = {v: stats.undecided(d, margin) for v, d in looked.items()}
+        looked = stats.decide(known, active, baseline=baseline, margin=analysis.margin, relative=analysis.relative,
+                              plan=looks, look=k, alpha=analysis.alpha, n_variants=len(others),
+                              lower_is_better=LOWER_IS_BETTER[analysis.metric])
         for v in active:
             decisions[v], taken[v] = looked[v], k + 1
         active = [v for v in active if looked[v].verdict == Verdict.UNDECIDED]
+        if analysis.adaptive and 0 < k < len(looks) - 1:  # futility: not on 3 seeds' word, nor at the end
+            a_last = stats.look_level(analysis.alpha, len(others), looks, len(looks) - 1)
+            stopped += [v for v in active if stats.futile(looked[v], a_last, looks[-1])]
+            active = [v for v in active if v not in stopped]
         if not active:
             break
     return standing(complete=True)
+
+
+@dataclass(frozen=True)
+class SeedsNeed:
+    """What an undecided variant would likely need for a verdict (stats.seeds_needed)."""
+    variant: str
+    seeds: int  # paired seeds it has
+    needed: int | None  # seeds it would likely need at the observed difference and spread; None: over 100
+    cell_minutes: float  # training the extra seeds would take (its cells and the baseline's), NaN if unknown
+
+    @property
+    def text(self) -> str:
+        if self.needed is None:
+            return f"`{self.variant}` would need more than 100 seeds at its difference and spread"
+        cost = f", about {self.cell_minutes:.0f} cell-minutes" if math.isfinite(self.cell_minutes) else ""
+        return f"`{self.variant}` likely needs {self.needed} seeds (has {self.seeds}{cost})"
+
+
+def seeds_needs(standing: Outcome, analysis: AnalysisConfig, minutes: Mapping[str, float]) -> list[SeedsNeed]:
+    """For each undecided variant: the seeds it would likely need at its observed difference and
+    spread, tested at the last look's level, and what they cost at each variant's mean minutes per
+    cell (minutes: variant -> minutes; the baseline's extra seeds are counted too)."""
+    m = len(standing.looks_taken)
+    plan = planned_looks(analysis, 2)  # one look for a fixed design, whatever its seeds: all of alpha
+    a = stats.look_level(analysis.alpha, max(m, 1), plan, len(plan) - 1)
+    base_n = len(standing.seeds.get(BASELINE, ()))
+    out = []
+    for variant, d in standing.decisions.items():
+        if d.verdict != Verdict.UNDECIDED or d.n < 2:  # one seed tells no spread
+            continue
+        needed = stats.seeds_needed(d.mean, d.se * math.sqrt(d.n), d.margin, a, at_least=d.n + 1)
+        cost = (math.nan if needed is None else
+                (needed - d.n) * minutes.get(variant, math.nan) + max(0, needed - base_n) * minutes.get(BASELINE, math.nan))
+        out.append(SeedsNeed(variant, d.n, needed, cost))
+    return out
+
+
+def minutes_per_cell(records: Iterable[CellRecord]) -> dict[str, float]:
+    """Each variant's mean training minutes per finished cell (wall_time_s of its records)."""
+    times: dict[str, list[float]] = {}
+    for r in records:
+        if r.state == CellState.DONE and math.isfinite(t := float(r.metrics.get(Metric.WALL_TIME_S, math.nan))):
+            times.setdefault(r.variant, []).append(t / 60)
+    return {v: sum(t) / len(t) for v, t in times.items()}

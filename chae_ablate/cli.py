@@ -6,6 +6,7 @@ Commands import the library when they run, so `--help` starts without loading to
 from __future__ import annotations
 
 import functools
+import math
 import signal
 import warnings
 from pathlib import Path
@@ -66,12 +67,18 @@ def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | 
 
 @app.command()
 @clean_errors
-def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None) -> None:
+def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
+         spread_from: Annotated[Optional[str], typer.Option(
+             help="An earlier study's name in MLflow: say how many seeds each variant would likely need at its spread")]
+         = None) -> None:
     """Show every variant's shape and cost (params, MFLOPs, tokens) without training."""
-    from .plan import format_plan, plan_table
-    table, footer = plan_table(_load(study, set_, epochs, seeds))
+    from .plan import format_plan, plan_table, seeds_from_earlier
+    loaded = _load(study, set_, epochs, seeds)
+    table, footer = plan_table(loaded)
     typer.echo(format_plan(table))
     typer.echo(footer)
+    if spread_from:
+        typer.echo("\n".join(seeds_from_earlier(loaded, spread_from)))
 
 
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: cores / workers)")]
@@ -117,12 +124,19 @@ def run(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: S
                         "command to retry (a cell whose worker kept dying: with a higher --retries)")
 
 
+def _diverged(cell) -> str:
+    """'diverged (epoch 2)' for a cell whose loss turned non-finite before any finite best, else ''."""
+    epoch = cell.metrics.get(Metric.DIVERGED_EPOCH)
+    best = cell.metrics.get(RANKING, math.nan)
+    return f"diverged (epoch {epoch:.0f})" if epoch is not None and not math.isfinite(best) else ""
+
+
 def _cells_text(cells, worker: bool = False) -> str:
     """Per cell record: variant, seed, state, best validation loss, test accuracy (and who holds it)."""
     def num(v, spec):
         return "" if v is None or v != v else format(v, spec)
     rows = [("variant", "seed", "state", RANKING, Metric.TEST_ACC) + (("worker",) if worker else ())]
-    rows += [(c.variant, str(c.seed), c.state, num(c.metrics.get(RANKING), ".4f"),
+    rows += [(c.variant, str(c.seed), c.state, _diverged(c) or num(c.metrics.get(RANKING), ".4f"),
               num(c.metrics.get(Metric.TEST_ACC), ".3f"))
              + ((c.worker if c.state == CellState.RUNNING else "",) if worker else ()) for c in cells]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
@@ -189,13 +203,17 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
 def status(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
            seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir) -> None:
     """Cells done / running / queued / failed, and which worker holds each running cell."""
+    from .analysis import minutes_per_cell, seeds_needs
     from .runner import study_status
-    standing = study_status(_load(study, set_, epochs, seeds, adaptive), RunOptions(storage=storage, runs_dir=runs_dir))
+    loaded = _load(study, set_, epochs, seeds, adaptive)
+    standing = study_status(loaded, RunOptions(storage=storage, runs_dir=runs_dir))
     cells = list(standing.records.values())
     typer.echo(_cells_text(cells, worker=True))
     count = {state: sum(c.state == state for c in cells) for state in CellState}
     typer.echo(f"{count[CellState.DONE]} done, {count[CellState.RUNNING]} running, {count[CellState.QUEUED]} queued, "
                f"{count[CellState.FAILED]} failed, {count[CellState.MISSING]} not queued yet, of {len(cells)} cells")
+    for need in seeds_needs(standing, loaded.analysis, minutes_per_cell(cells)):
+        typer.echo(f"undecided: {need.text}".replace("`", ""))
     if standing.earlier:
         kept = {state: sum(r.state == state for r in standing.earlier) for state in CellState}
         typer.echo(f"kept apart: {len(standing.earlier)} cells of other versions of this study "

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from . import stats, tracking, versions
-from .analysis import Outcome, Plan, outcome, planned_looks
+from .analysis import Outcome, Plan, outcome, planned_looks, seeds_needs
 from .config import AnalysisConfig
 from .errors import ChaeError
 from .figures import write_report_figures
@@ -38,23 +38,28 @@ RESOLUTION = "model.resolution"  # the plan's setting shown beside each variant'
 def cell_table(plan: Plan, standing: Outcome) -> pd.DataFrame:
     """One row per cell the study needs, in plan order (baseline first): its record, metrics and
     the architecture's resolution. `in_stats` marks the cells the statistics use (done, with a
-    finite metric); `diff_vs_baseline` is the cell's metric minus the baseline's on the same seed."""
+    value of the metric; a diverged one's counts as the worst, stats.with_divergence); `diff_vs_baseline` is the cell's metric minus the baseline's on the same seed."""
     metric = plan.analysis.metric
     rows = []
     for cell in standing.needed:
         r = standing.records[cell.cell_hash]
         rows.append({"variant": cell.variant, "seed": cell.seed, "cell_hash": cell.cell_hash,
-                     "description": cell.description, "status": str(r.state), "run_id": r.run_id,
+                     "description": cell.description, "status": _status(r), "run_id": r.run_id,
                      "failure_reason": r.failure_reason,
                      **{m: float(r.metrics.get(m, math.nan)) for m in SUMMARY_METRICS},
                      "resolution": float(plan.settings.get(cell.variant, {}).get(RESOLUTION, math.nan)),
-                     "in_stats": math.isfinite(standing.value(cell, metric))})
+                     "in_stats": not math.isnan(standing.value(cell, metric))})  # a diverged cell's is +-inf
     df = pd.DataFrame(rows, columns=["variant", "seed", "cell_hash", "description", "status", "run_id",
                                      "failure_reason", *SUMMARY_METRICS, "resolution", "in_stats"])
     df["in_stats"] = df["in_stats"].astype(bool)
     base = df[df["in_stats"] & (df["variant"] == BASELINE)].set_index("seed")[metric]
     df["diff_vs_baseline"] = df[metric].where(df["in_stats"]) - df["seed"].map(base).astype(float)
     return df
+
+
+def _status(record: CellRecord) -> str:
+    epoch = record.metrics.get(Metric.DIVERGED_EPOCH)
+    return f"{record.state}, diverged at epoch {epoch:.0f}" if epoch is not None else str(record.state)
 
 
 def summarize(table: pd.DataFrame, analysis: AnalysisConfig, standing: Outcome) -> pd.DataFrame:
@@ -75,7 +80,13 @@ def summarize(table: pd.DataFrame, analysis: AnalysisConfig, standing: Outcome) 
             row[col] = g[col].median() if len(g) else rows_v[col].median()
         row.update(_decision_columns(variant, standing))
         rows.append(row)
-    return pd.DataFrame(rows)
+    summary = pd.DataFrame(rows)
+    minutes = dict(zip(summary["variant"], summary[mean_of(Metric.WALL_TIME_S)] / 60))
+    needs = {n.variant: n for n in seeds_needs(standing, analysis, minutes)}
+    summary["seeds_needed"] = [needs[v].needed if v in needs and needs[v].needed else math.nan for v in summary["variant"]]
+    summary["needed_minutes"] = [needs[v].cell_minutes if v in needs else math.nan for v in summary["variant"]]
+    summary["needs"] = [needs[v].text if v in needs else "" for v in summary["variant"]]
+    return summary
 
 
 def mean_of(metric: str) -> str:
@@ -88,14 +99,15 @@ def _decision_columns(variant: str, standing: Outcome) -> dict[str, Any]:
     if variant == BASELINE or d is None:
         code = Verdict.BASELINE if variant == BASELINE else Verdict.PENDING
         return {"verdict": code if variant == BASELINE else f"{code} (its first look is not complete)",
-                "verdict_code": code, "within_margin": False, "looks": 0,
-                **dict.fromkeys(["n_pairs", "diff", "diff_low", "diff_high", "level", "boot_low", "boot_high",
-                                 "share_better", "detectable", "p_diff_adj", "p_equiv_adj"], math.nan)}
-    return {"verdict": d.label, "verdict_code": d.verdict, "within_margin": d.within_margin,
-            "looks": standing.looks_taken[variant], "n_pairs": d.n, "diff": d.mean, "diff_low": d.low,
-            "diff_high": d.high, "level": d.level, "boot_low": d.boot_low, "boot_high": d.boot_high,
-            "share_better": d.share_better, "detectable": d.detectable, "p_diff_adj": d.p_diff_adj,
-            "p_equiv_adj": d.p_equiv_adj}
+                "verdict_code": code, "within_margin": False, "looks": 0, "variance": "",
+                **dict.fromkeys(["n_pairs", "diff", "diff_low", "diff_high", "level", "eq_low", "eq_high", "df",
+                                 "boot_low", "boot_high", "share_better", "detectable", "diverged"], math.nan)}
+    label = f"{d.label} (stopped: unlikely to be decided within max_seeds)" if variant in standing.stopped else d.label
+    return {"verdict": label, "verdict_code": d.verdict, "within_margin": d.within_margin,
+            "looks": standing.looks_taken[variant], "variance": d.variance, "n_pairs": d.n, "diff": d.mean,
+            "diff_low": d.low, "diff_high": d.high, "level": d.level, "eq_low": d.eq_low, "eq_high": d.eq_high,
+            "df": d.df, "boot_low": d.boot_low, "boot_high": d.boot_high, "share_better": d.share_better,
+            "detectable": d.detectable, "diverged": d.diverged}
 
 
 def n_epochs(table: pd.DataFrame, epochs: pd.DataFrame) -> int | None:
@@ -124,9 +136,14 @@ def _interval(low: float, high: float, spec: str = "+.3f") -> str:
     return f"[{_num(low, spec)}, {_num(high, spec)}]" if np.isfinite(low) else "–"
 
 
-def _level(summary: pd.DataFrame) -> str:
-    levels = summary["level"].dropna()
-    return f"{100 * levels.iloc[0]:.2f}%" if len(levels) else "–"
+def _at_level(low: float, high: float, level: float) -> str:
+    """An interval with its confidence, e.g. '[-0.0100, +0.0200] at 99.95%' (levels differ by look)."""
+    return f"{_interval(low, high, '+.4f')} at {_num(100 * level, '.2f')}%" if np.isfinite(low) else "–"
+
+
+def _seeds(r: Any) -> str:
+    diverged = f" ({r.diverged:.0f} diverged)" if np.isfinite(r.diverged) and r.diverged else ""
+    return f"{r.n}/{r.n_needed}{diverged}"
 
 
 def _diff_text(r: Any) -> str:
@@ -162,8 +179,7 @@ def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcom
     open_ = others[code == Verdict.UNDECIDED]
     if len(open_):
         parts.append(f"undecided for {len(open_)} variant(s) ("
-                     + ", ".join(f"`{r.variant}` could detect {_num(r.detectable, '.3f')}" if np.isfinite(r.detectable)
-                                 else f"`{r.variant}` n={r.n_pairs:.0f}" for r in open_.itertuples())
+                     + "; ".join(r.needs or f"`{r.variant}` n={r.n_pairs:.0f}" for r in open_.itertuples())
                      + "): " + ("more seeds (analysis.max_seeds) would decide them" if analysis.adaptive else
                                 "`chae-ablate run STUDY --adaptive` adds seeds where they are undecided"))
     pending = others[code == Verdict.PENDING]
@@ -177,8 +193,8 @@ def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcom
 def format_summary_table(summary: pd.DataFrame) -> str:
     """A short plain-text table for a terminal: variant, seeds, metric, difference, verdict."""
     rows = [("variant", "seeds", summary["metric"].iloc[0] if len(summary) else "metric",
-             f"difference [{_level(summary)} interval]", "verdict")]
-    rows += [(r.variant, f"{r.n}/{r.n_needed}", _mean_sd(r.mean, r.sd, r.n),
+             "difference [interval at its look's level]", "verdict")]
+    rows += [(r.variant, _seeds(r), _mean_sd(r.mean, r.sd, r.n),
               "" if r.variant == BASELINE else f"{_num(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)}",
               r.verdict) for r in summary.itertuples()]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
@@ -194,14 +210,24 @@ def summary_table_text(report_dir: Path) -> str:
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "variant": summary["variant"], "change": summary["description"],
-        "seeds": [f"{r.n}/{r.n_needed}" for r in summary.itertuples()],
+        "seeds": [_seeds(r) for r in summary.itertuples()],
         f"{summary['metric'].iloc[0]} (mean ± sd)": [_mean_sd(r.mean, r.sd, r.n) for r in summary.itertuples()],
         "difference": [_num(d, "+.4f") for d in summary["diff"]],
-        f"{_level(summary)} interval": [_interval(lo, hi, "+.4f") for lo, hi in zip(summary["diff_low"], summary["diff_high"])],
+        "interval (better/worse)": [_at_level(r.diff_low, r.diff_high, r.level) for r in summary.itertuples()],
+        "equivalence interval": [_at_level(r.eq_low, r.eq_high, 1 - 2 * (1 - r.level)) for r in summary.itertuples()],
+        "noise": [f"{r.variance} (df {r.df:.0f})" if r.variance else "–" for r in summary.itertuples()],
         "bootstrap check": [_interval(lo, hi, "+.4f") for lo, hi in zip(summary["boot_low"], summary["boot_high"])],
         "seeds better": [_num(100 * x, ".0f") + ("%" if np.isfinite(x) else "") for x in summary["share_better"]],
-        "detectable": [_num(x, ".4f") for x in summary["detectable"]],
-        "verdict": summary["verdict"]})
+        "verdict": summary["verdict"],
+        "seeds needed": [_needed(r) for r in summary.itertuples()]})
+
+
+def _needed(r: Any) -> str:
+    if r.verdict_code != Verdict.UNDECIDED:
+        return "–"
+    if not np.isfinite(r.seeds_needed):
+        return "over 100"
+    return f"{r.seeds_needed:.0f}" + (f" (~{r.needed_minutes:.0f} cell-min)" if np.isfinite(r.needed_minutes) else "")
 
 
 def _seeds_table(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcome) -> tuple[pd.DataFrame, str]:
@@ -216,7 +242,10 @@ def _seeds_table(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outc
     used, full = int(summary["n_needed"].sum()), analysis.max_seeds * len(summary)
     times = summary[mean_of(Metric.WALL_TIME_S)]
     per_cell = float(np.nanmean(times)) if times.notna().any() else math.nan
-    return table, (f"Adaptive seeding: looks at {', '.join(map(str, planned_looks(analysis, 0)))} seeds (K = {standing.n_looks}). "
+    stopped = (f" {len(standing.stopped)} undecided variant(s) stopped early because they would likely need more "
+               f"than {stats.FUTILITY:g} x {analysis.max_seeds} seeds: {', '.join(standing.stopped)}."
+               if standing.stopped else "")
+    return table, (f"Adaptive seeding: looks at {', '.join(map(str, planned_looks(analysis, 0)))} seeds (K = {standing.n_looks}).{stopped} "
                    f"{used} cells ran, against {full} with {analysis.max_seeds} seeds everywhere: "
                    f"{full - used} cells saved ({(full - used) / full:.0%}), about "
                    f"{_num((full - used) * per_cell / 60, '.1f')} minutes of training at this study's mean cell time.")
@@ -297,7 +326,8 @@ def analysis_note(plan: Plan, known: list[Version]) -> str:
 
 def _settings(analysis: AnalysisConfig, standing: Outcome) -> str:
     direction = "lower" if LOWER_IS_BETTER[analysis.metric] else "higher"
-    margin = (f"{analysis.margin:.0%} of the baseline's mean over its first look = {_num(standing.margin, '.4f')}"
+    margin = (f"{analysis.margin:.0%} of the baseline's mean = {_num(standing.margin, '.4f')} (tested per seed "
+              f"against (1 ± {analysis.margin:g}) × the baseline, so the baseline's own noise counts)"
               if analysis.relative else _num(standing.margin, ".4f"))
     seeds = (f"adaptive, {analysis.min_seeds} to {analysis.max_seeds} seeds" if analysis.adaptive else "fixed seeds")
     split = (" Each seed draws its own train/val/test split (analysis.vary_split), so the intervals include "
@@ -324,8 +354,12 @@ def _blocks(plan: Plan, table: pd.DataFrame, summary: pd.DataFrame, figures: lis
         ("h2", "Verdicts against the baseline"),
         *([("p", note)] if note else []),
         ("p", "Difference = variant − baseline on the same seed. Verdicts: better / worse when the interval "
-              "excludes 0; equivalent when it lies inside ±margin; undecided otherwise, with the difference "
-              "these seeds could have detected (80% power)."),
+              "excludes 0; equivalent when the equivalence interval (two one-sided tests) lies inside ±margin; "
+              "undecided otherwise, with the seeds it would likely need for a verdict (80% power at its "
+              "observed difference and spread) and what they would cost. Levels differ by look: early looks "
+              "spend little of alpha. Noise: 'shared' is the study's residual variance (its df), 'own' the "
+              "variant's paired spread, used when it is larger. A diverged cell counts as the worst value of "
+              "its look."),
         ("table", verdict_table(summary)),
         ("h2", "Seeds per variant"), ("p", seeds_text), ("table", seeds_table),
         ("h2", "Figures"), *[("img", path, caption) for path, caption in figures],

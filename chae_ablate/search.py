@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from . import versions
-from .analysis import absolute_margin, outcome
+from . import stats
+from .analysis import outcome
 from .config import to_dict
 from .errors import ChaeError, ConfigError
 from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, TakenOver, delete_study,
@@ -102,8 +103,9 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     session = open_session(base, options)
     plan = base.plan()
     curve = session.ledger.mean_curve({c.cell_hash for c in plan.cells})
-    margin = absolute_margin(study.analysis, [r.metrics[RANKING] for r in outcome(plan, session.ledger.records())
-                                              .records.values() if r.state == CellState.DONE])
+    margin = stats.absolute_margin(study.analysis.margin, study.analysis.relative,
+                                   [r.metrics.get(RANKING, math.nan) for r in outcome(plan, session.ledger.records())
+                                    .records.values() if r.state == CellState.DONE])
     alone = options.workers <= 1 and not joining  # one searcher: a seeded, reproducible search
     ledger = search_ledger(study, options, curve, margin, budget, study.search.seeds[0] if alone else None)
     if options.workers > 1:
@@ -255,8 +257,10 @@ def random_value(knob: Knob, rng: random.Random):
 
 
 def top_configs(study: Study, ledger: SearchLedger) -> list[tuple[int, float, dict]]:
-    """(trial number, value, knobs) of the top-k finished trials, best first; ties by trial number."""
-    done = [t for t in ledger.trials() if t["state"] == CellState.DONE and t["value"] is not None]
+    """(trial number, value, knobs) of the top-k finished trials, best first; ties by trial number.
+    A trial with a seed that diverged (value inf) is never one to confirm."""
+    done = [t for t in ledger.trials() if t["state"] == CellState.DONE and t["value"] is not None
+            and math.isfinite(t["value"])]
     done.sort(key=lambda t: (t["value"], t["number"]))
     out, seen = [], set()
     for t in done:

@@ -20,13 +20,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-from .records import DECISIONS, Verdict
+from .records import Verdict
 
 CONFIDENCE = 0.95  # level of the descriptive interval of each variant's mean
 ALPHA = 0.05  # default family-wise error rate of the verdicts
@@ -62,40 +62,73 @@ def t_interval(values: Sequence[float] | pd.Series, confidence: float = CONFIDEN
     return Interval(n, mean, std, mean - half, mean + half)
 
 
-# Student t-interval at confidence 1 - alpha / (m * K) for the study's m variants and K planned
-# looks; by the union (Bonferroni) bound all m * K intervals cover their true differences at once
-# with probability >= 1 - alpha. Every verdict is read off its interval, and a verdict can only be
-# wrong when its interval misses the true difference, so the chance of any wrong verdict in the
-# study, over every look and whatever the stopping, is <= alpha. Holm's step-down is not used on
-# purpose: it is valid when a rejection is wrong only for a true null, but here every variant's
-# interval can miss (an "equivalent" variant can still be wrongly called better at a laxer later
-# Holm level), so reading verdicts off Holm-level intervals loses the guarantee
-# (benchmarks/power.py measures by how much).
+# How a study decides (METHOD says it in words for the report). Every look k of the K planned
+# looks spends alpha_k of the study's alpha, by Lan & DeMets' (1983) O'Brien-Fleming-type spending
+# function of the information fraction t = n_k / n_K: alpha(t) = 2 - 2 Phi(z_{1-alpha/2} / sqrt t).
+# Early looks spend little (3 of 10 seeds: 0.7% of alpha), so they decide only gross effects and
+# leave almost all of alpha to the looks that have the seeds to use it. Within a look, alpha_k is
+# split evenly over the m variants (Bonferroni, Dunn 1961): a_k = alpha_k / m per variant. Each
+# variant's verdict can be wrong only when one of its two one-sided bounds at level a_k misses the
+# truth (better/worse read off the 1 - a_k interval, equivalence off the 1 - 2 a_k one: Schuirmann's
+# TOST), so by the union bound over variants and looks the chance of any wrong verdict in the
+# study is <= sum_k alpha_k = alpha, whatever the stopping.
+#
+# The variance is the study's, not each variant's: all variants share the baseline, the seeds and
+# the protocol, so the residual variance of the additive model variant + seed fitted to every cell
+# value known at the look (two-way analysis of variance with seeds as blocks: Dunnett's 1955
+# many-to-one setting) estimates the noise with (variants - 1)(seeds - 1) degrees of freedom
+# instead of each variant's seeds - 1. Guards keep one misbehaving variant (a larger spread, heavy
+# tails) from borrowing a precision it does not have, or from blurring the others: a variant whose
+# own spread of paired differences exceeds the shared one (F-test at GUARD_F) uses the wider of its
+# own and the shared interval, and one far beyond it (POOL_OUT) is left out of the shared variance;
+# every verdict must also hold on the variant's own paired t-interval at the fixed level
+# GUARD_LEVEL. benchmarks/power.py measures the errors these guards leave under heavy tails,
+# unequal spreads, divergent runs and a relative margin.
 
+GUARD_F = 0.10  # a variant's own spread is "larger than the shared one" beyond this F-test level,
+GUARD_F_SEEDS = 4  # ... from this many paired seeds on (on 2 df the test flags a tenth of all variants by
+# chance, and a flagged variant's own t on 2 df could not decide even a gross effect at the first look,
+# which spends under 1% of alpha; the own-t guard and that small level protect the first look instead)
+GUARD_LEVEL = 0.02  # every verdict must also hold on the variant's own paired t-interval at this level
+POOL_OUT = 0.01  # a variant whose own spread exceeds the shared one at this F-test level leaves the pool
+FUTILITY = 3.5  # an undecided variant stops at a look before the last (not the first) when it would
+# likely need more than FUTILITY x max_seeds seeds: the largest saving that keeps a no-effect variant's
+# chance of "equivalent" at 25% in benchmarks/power.py (sd = margin, 11 variants, 3/6/10 seeds)
 N_BOOT = 9999  # bootstrap resamples
 
 METHOD = (
-    "Paired differences (variant - baseline, same seed). Every interval is a Student t-interval of "
-    "the mean difference at confidence 1 - alpha/(m K): m variants, K looks planned in advance; "
-    "simultaneous Bonferroni intervals over variants and looks (Dunn 1961), the simplest repeated "
-    "confidence intervals (Jennison & Turnbull 1989). Verdicts are read off the interval: better or "
-    "worse when it excludes 0, equivalent when it lies inside +-margin (two one-sided tests, "
-    "Schuirmann 1987, each at alpha/(2 m K)), otherwise undecided with the difference these seeds "
-    "could detect with 80% power. Undecided variants get more seeds at the next planned look; "
-    "decided ones stop. Since all m K intervals cover their true differences together with "
-    "probability >= 1 - alpha, the chance of any wrong verdict in the study, at any look, is at most "
-    "alpha. Beside each verdict: a percentile bootstrap interval of the mean difference at the same "
-    "level (Efron & Tibshirani 1993, ch. 13), a check on the t-interval's normality that is narrower "
-    "than it with few seeds, and the share of seeds on which the variant beat the baseline "
-    "(probability of improvement, Bouthillier et al. 2021; ties count half)."
+    "Paired differences (variant - baseline, same seed), looked at after a fixed schedule of seeds "
+    "(K looks planned in advance). Alpha is spent unevenly over the looks, by the O'Brien-Fleming-type "
+    "spending function of Lan & DeMets (1983), so early looks decide only gross effects and the last "
+    "look keeps most of it; each look's share is split evenly over the m variants (Bonferroni, Dunn "
+    "1961). The noise is estimated once for the whole study: the residual variance of the model "
+    "variant + seed fitted to every cell value so far (two-way ANOVA with seeds as blocks; the "
+    "many-to-one setting of Dunnett 1955), with far more degrees of freedom than any one variant's "
+    "seeds. Guards: a variant whose own paired spread is larger than the shared one (F-test at 10%, "
+    "from 4 seeds on) uses the wider of its own and the shared interval, and one far larger than all the others' "
+    "(at 1%) is left out of the shared variance, so it does not blur them; every verdict must also hold on "
+    "its own paired t-interval at 98%. Better or worse when the interval at 1 - a_k excludes 0; equivalent "
+    "when Schuirmann's (1987) two one-sided tests at a_k each put the difference inside +-margin "
+    "(the 1 - 2 a_k interval); with a relative margin the two tests are on value - (1 +- margin) x "
+    "baseline per seed, so the baseline's own noise is counted (ratio equivalence, Hauschke, Kieser "
+    "& Hothorn 1999). Otherwise undecided, with the seeds it would likely need (normal approximation "
+    "at its observed difference and spread, 80% power at the last look's level); at a look after the "
+    "first and before the last, a variant that would likely need more than 3.5 x max_seeds stops there "
+    "(futility: stopping never makes a verdict, so it costs no error). A run that diverged "
+    "(a non-finite loss before any finite one) counts as the worst value of its look, not as "
+    "missing. By the union bound over variants and looks, the chance of any wrong verdict in the "
+    "study is at most alpha when the noise is normal with one spread; benchmarks/power.py measures "
+    "it under heavy tails, unequal spreads, divergent runs and a relative margin. Beside each "
+    "verdict: a percentile bootstrap interval of the mean difference (Efron & Tibshirani 1993, "
+    "ch. 13) and the share of seeds on which the variant beat the baseline (probability of "
+    "improvement, Bouthillier et al. 2021; ties count half)."
 )
 
 
 def looks(min_seeds: int, max_seeds: int, step: int | None = None) -> list[int]:
     """Seed counts at which verdicts are taken: min_seeds, then +step (or doubling when step is
     None) until max_seeds, which is always the last look. K = len(looks(...)) is fixed before
-    the first seed runs, as the error guarantee requires. Doubling (3, 6, 10 for 3..10) keeps K
-    small, and each look's share of alpha large, while seeds grow as fast as decisions need."""
+    the first seed runs, as the error guarantee requires."""
     if not 2 <= min_seeds <= max_seeds:
         raise ValueError(f"need 2 <= min_seeds <= max_seeds, got {min_seeds}, {max_seeds}")
     if step is not None and step < 1:
@@ -106,61 +139,117 @@ def looks(min_seeds: int, max_seeds: int, step: int | None = None) -> list[int]:
     return plan
 
 
-def interval_level(alpha: float, n_variants: int, n_looks: int) -> float:
-    """Confidence of every interval: 1 - alpha / (n_variants * n_looks) (Bonferroni, Dunn 1961)."""
-    if not 0 < alpha < 1 or n_variants < 1 or n_looks < 1:
-        raise ValueError(f"need 0 < alpha < 1 and n_variants, n_looks >= 1, "
-                         f"got {alpha}, {n_variants}, {n_looks}")
-    return 1 - alpha / (n_variants * n_looks)
+def spending(alpha: float, plan: Sequence[int]) -> list[float]:
+    """alpha_k spent at each look of `plan` (seed counts): increments of Lan & DeMets' (1983)
+    O'Brien-Fleming-type function alpha(t) = 2 - 2 Phi(z_{1 - alpha/2} / sqrt(t)), t = n_k / n_K.
+    They sum to alpha; one look spends it all."""
+    if not 0 < alpha < 1 or not plan or plan[0] < 1:
+        raise ValueError(f"need 0 < alpha < 1 and at least one look, got {alpha}, {list(plan)}")
+    z = stats.norm.isf(alpha / 2)
+    spent = [2 * stats.norm.sf(z / math.sqrt(n / plan[-1])) for n in plan]
+    spent[-1] = alpha  # exact at t = 1
+    return [float(b - a) for a, b in zip([0.0, *spent[:-1]], spent)]
 
 
-def power_two_sided(effect: float, n: int, a: float) -> float:
-    """Power of the two-sided one-sample (paired) t-test at level a with n observations against a
-    true mean of `effect` standard deviations (noncentral t; Cohen 1988, ch. 2)."""
-    df, nc = n - 1, effect * math.sqrt(n)
-    crit = stats.t.ppf(1 - a / 2, df)
-    wrong_side = stats.nct.sf(crit, df, -nc)  # = P(T' < -crit); scipy's cdf there can give NaN
-    return float(stats.nct.sf(crit, df, nc) + np.nan_to_num(wrong_side))
+def look_level(alpha: float, n_variants: int, plan: Sequence[int], look: int) -> float:
+    """a_k: the error each variant may spend at look `look` (0-based): alpha_k / m."""
+    if n_variants < 1:
+        raise ValueError(f"need n_variants >= 1, got {n_variants}")
+    return spending(alpha, plan)[look] / n_variants
 
 
-def detectable_difference(sd: float, n: int, a: float, power: float = POWER) -> float:
-    """Minimum detectable difference: the true mean difference that the two-sided paired t-test at
-    level a with n seeds detects with the given power when the differences have standard deviation
-    sd (Cohen 1988, ch. 2). NaN for n < 2 or a non-finite sd; 0 when sd is 0."""
-    if n < 2 or not np.isfinite(sd):
+def power_two_sided(effect: float, df: float, a: float) -> float:
+    """Power of a two-sided t-test at level a with df degrees of freedom when the true mean is
+    `effect` standard errors (noncentral t; Cohen 1988, ch. 2)."""
+    crit = stats.t.isf(a / 2, df)
+    wrong_side = stats.nct.sf(crit, df, -effect)  # = P(T' < -crit); scipy's cdf there can give NaN
+    return float(stats.nct.sf(crit, df, effect) + np.nan_to_num(wrong_side))
+
+
+def detectable_difference(se: float, df: float, a: float, power: float = POWER) -> float:
+    """Minimum detectable difference: the true mean difference a two-sided t-test at level a finds
+    with the given power when its standard error is se on df degrees of freedom (Cohen 1988, ch. 2).
+    NaN for df < 1 or a non-finite se; 0 when se is 0."""
+    if not df >= 1 or not np.isfinite(se):
         return math.nan
-    if sd == 0:
+    if se == 0:
         return 0.0
     hi = 1.0
-    while power_two_sided(hi, n, a) < power:
+    while power_two_sided(hi, df, a) < power:
         hi *= 2
-    return sd * float(optimize.brentq(lambda e: power_two_sided(e, n, a) - power, 0.0, hi, xtol=1e-10))
+    return se * float(optimize.brentq(lambda e: power_two_sided(e, df, a) - power, 0.0, hi, xtol=1e-10))
+
+
+@dataclass(frozen=True)
+class SharedNoise:
+    """The study's residual variance at a look: the additive model variant + seed (two-way ANOVA,
+    seeds as blocks) fitted by least squares to every cell value known. var is per cell, so a
+    paired difference of n seeds has standard error sqrt(2 var / n)."""
+    var: float  # NaN when df < 1
+    df: int
+
+
+def shared_noise(values: Mapping[str, Mapping[int, float]]) -> SharedNoise:
+    """Residual variance and degrees of freedom (cells - variants - seeds + 1) of value ~ variant
+    + seed over every finite value (variant -> seed -> value)."""
+    cells = [(v, s, y) for v, by_seed in values.items() for s, y in by_seed.items() if np.isfinite(y)]
+    variants = sorted({v for v, _, _ in cells})
+    seeds = sorted({s for _, s, _ in cells})
+    df = len(cells) - len(variants) - len(seeds) + 1
+    if df < 1 or len(variants) < 2:
+        return SharedNoise(math.nan, max(df, 0))
+    x = np.zeros((len(cells), len(variants) + len(seeds) - 1))
+    for row, (v, s, _) in enumerate(cells):
+        x[row, variants.index(v)] = 1.0
+        if (j := seeds.index(s)) > 0:
+            x[row, len(variants) + j - 1] = 1.0
+    y = np.array([c[2] for c in cells])
+    fit, _, rank, _ = np.linalg.lstsq(x, y, rcond=None)
+    df = len(cells) - int(rank)  # a design whose seeds do not connect its variants has a lower rank
+    if df < 1:
+        return SharedNoise(math.nan, 0)
+    return SharedNoise(float(((y - x @ fit) ** 2).sum() / df), df)
+
+
+def with_divergence(values: Mapping[str, Mapping[int, float]], lower_is_better: bool
+                    ) -> tuple[dict[str, dict[int, float]], set[tuple[str, int]]]:
+    """Each diverged cell (an infinite value) replaced by the worst finite value of all the cells
+    (the highest loss, the lowest accuracy), and the (variant, seed) of each. NaN (no result) is dropped."""
+    finite = [y for by_seed in values.values() for y in by_seed.values() if np.isfinite(y)]
+    worst = (max(finite) if lower_is_better else min(finite)) if finite else math.nan
+    diverged = {(v, s) for v, by_seed in values.items() for s, y in by_seed.items() if np.isinf(y)}
+    return ({v: {s: (float(y) if np.isfinite(y) else worst) for s, y in by_seed.items() if not np.isnan(y)}
+             for v, by_seed in values.items()}, diverged)
 
 
 @dataclass(frozen=True)
 class Decision:
     """A variant's verdict against the baseline at one look, with the figures behind it.
 
-    Differences are variant - baseline in the metric's units; low/high is the interval the verdict
-    was read from (confidence `level`), so printing it with `level` is consistent with the verdict.
-    """
+    Differences are variant - baseline in the metric's units; low/high is the interval that
+    better/worse were read from (confidence `level`), so printing it with `level` agrees with the
+    verdict; equivalence was read from the 1 - 2 a interval (eq_low, eq_high)."""
     verdict: Verdict  # better, worse, equivalent or undecided, in the metric's own direction
-    within_margin: bool  # the interval lies inside +-margin (always so for an equivalent one)
-    n: int  # finite paired differences (seeds)
+    within_margin: bool  # both one-sided tests put the difference inside +-margin
+    n: int  # paired seeds
     mean: float  # mean paired difference; NaN when n == 0
-    sd: float  # standard deviation of the differences (ddof=1); NaN when n < 2
-    low: float  # t-interval of the mean at `level`; NaN when n < 2
+    sd: float  # the variant's own standard deviation of the differences (ddof=1); NaN when n < 2
+    se: float  # standard error of the mean difference the verdict used (shared or own)
+    df: float  # its degrees of freedom
+    variance: str  # "shared" (the study's) or "own" (the guard found this variant's spread larger)
+    low: float  # interval of the mean at `level`; NaN when n < 2
     high: float
-    level: float  # confidence of low/high: 1 - alpha / (m K)
-    p_diff: float  # two-sided paired t-test of a zero mean, unadjusted
-    p_equiv: float  # TOST p-value (larger of the two one-sided p's against +-margin), unadjusted
-    p_diff_adj: float  # min(1, m K p_diff): better/worse iff < alpha
-    p_equiv_adj: float  # min(1, 2 m K p_equiv): equivalent iff < alpha
+    level: float  # 1 - a_k, a_k = this look's alpha_k / m
+    eq_low: float  # interval at 1 - 2 a_k, the equivalence test's
+    eq_high: float
+    p_diff: float  # two-sided t-test of a zero mean (se, df above), unadjusted
+    p_equiv: float  # larger of the two one-sided p's against +-margin, unadjusted
     boot_low: float  # percentile bootstrap interval of the mean at `level`; NaN when n < 2
     boot_high: float
     share_better: float  # share of seeds on which the variant beat the baseline (ties half)
-    detectable: float  # difference detectable with POWER at this level and n, from sd
-    margin: float
+    detectable: float  # difference detectable with POWER at this level, se and df
+    margin: float  # absolute, in the metric's units (relative margins: fraction x baseline mean)
+    diverged: int = 0  # the variant's diverged cells among its paired seeds (counted as its worst)
 
     @property
     def label(self) -> str:
@@ -170,164 +259,169 @@ class Decision:
         return self.verdict
 
 
-def _t_bounds(mean, sd, n, a):
-    """Two-sided t-interval at confidence 1 - a, elementwise; NaN where n < 2."""
-    n = np.asarray(n, dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = stats.t.ppf(1 - a / 2, np.where(n >= 2, n - 1, np.nan)) * sd / np.sqrt(n)
-    half = np.where(n >= 2, half, np.nan)
-    return mean - half, mean + half
-
-
-def _classify(low, high, margin: float, lower_is_better: bool):
-    """(verdict code, within margin) of intervals, elementwise: the one rule decide() and
-    simulate() share. NaN bounds compare False, so they give undecided."""
-    low, high = np.asarray(low), np.asarray(high)
-    below, above = high < 0, low > 0
-    within = (low > -margin) & (high < margin)
-    better, worse = (below, above) if lower_is_better else (above, below)
-    codes = [DECISIONS.index(v) for v in (Verdict.BETTER, Verdict.WORSE, Verdict.EQUIVALENT, Verdict.UNDECIDED)]
-    code = np.select([better, worse, within], codes[:3], codes[3])
-    return code, within
-
-
-def _t_pvalues(mean: float, sd: float, n: int, margin: float) -> tuple[float, float]:
-    """Two-sided p of a zero mean and the TOST p against +-margin (Schuirmann 1987)."""
-    if n < 2:
-        return math.nan, math.nan
-    if sd == 0:
-        return (1.0 if mean == 0 else 0.0), (1.0 if abs(mean) >= margin else 0.0)
-    se, df = sd / math.sqrt(n), n - 1
-    p_diff = float(2 * stats.t.sf(abs(mean) / se, df))
-    p_equiv = float(max(stats.t.sf((mean + margin) / se, df), stats.t.cdf((mean - margin) / se, df)))
-    return p_diff, p_equiv
+def _half(c: np.ndarray, weight: float, noise: SharedNoise, own_spread: bool, a: float, guard: float) -> float:
+    """Half-width of the one-sided bound at level a of the mean of the per-seed contrast c, whose
+    variance under the shared model is weight x the cell variance: the shared t-bound (or the wider
+    of it and the own one when own_spread), never narrower than the own t-bound at the guard's level
+    (or at a, when a is the laxer: with one variant the shared model is the paired t-test itself)."""
+    n = len(c)
+    own_se = float(c.std(ddof=1)) / math.sqrt(n)
+    halves = [float(stats.t.isf(max(guard, a), n - 1)) * own_se]  # the guard is never stricter than the test
+    if own_spread or not np.isfinite(noise.var):
+        halves.append(float(stats.t.isf(a, n - 1)) * own_se)
+    if np.isfinite(noise.var):
+        halves.append(float(stats.t.isf(a, noise.df)) * math.sqrt(weight * noise.var / n))
+    return max(halves)
 
 
 def _bootstrap(d: np.ndarray, level: float, n_boot: int, rng: np.random.Generator) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean (Efron & Tibshirani 1993, ch. 13)."""
-    if len(d) < 2:
-        return math.nan, math.nan
+    if len(d) < 2 or np.ptp(d) == 0:
+        return (float(d[0]), float(d[0])) if len(d) >= 2 else (math.nan, math.nan)
     ci = stats.bootstrap((d,), np.mean, n_resamples=n_boot, confidence_level=level,
                          method="percentile", rng=rng).confidence_interval
     return float(ci.low), float(ci.high)
 
 
-def decide(diffs: Mapping[str, Sequence[float] | np.ndarray], margin: float, *, n_looks: int,
-           alpha: float = ALPHA, n_variants: int | None = None, lower_is_better: bool = True,
-           power: float = POWER, n_boot: int = N_BOOT, seed: int = 0) -> dict[str, Decision]:
-    """Verdict of each variant from its paired differences (variant - baseline by seed; NaNs are
-    dropped) at one look. margin: the smallest difference that matters, in the metric's units.
-    n_looks: K = len(looks(...)), the looks planned for the study. n_variants: the study's m,
-    which defaults to len(diffs); pass it when deciding only some of the variants. The bootstrap
-    of variant `name` draws from default_rng([seed, crc32(name)]): the same whatever the others.
-    See METHOD."""
+def absolute_margin(margin: float, relative: bool, baseline_values: Sequence[float]) -> float:
+    """The margin in the metric's units: as given, or a fraction of the baseline's mean (finite values)."""
+    if not relative:
+        return margin
+    x = _finite(baseline_values)
+    return margin * abs(float(x.mean())) if len(x) else math.nan
+
+
+def decide(values: Mapping[str, Mapping[int, float]], active: Sequence[str], *, baseline: str, margin: float,
+           relative: bool, plan: Sequence[int], look: int, alpha: float = ALPHA, n_variants: int | None = None,
+           lower_is_better: bool = True, power: float = POWER, n_boot: int = N_BOOT,
+           seed: int = 0) -> dict[str, Decision]:
+    """Verdicts of the `active` variants at look `look` (0-based) of `plan` (seed counts).
+
+    values[variant][seed]: every cell value known at this look, the baseline's included, and the
+    variants decided earlier (they still tell the shared noise). +-inf marks a diverged cell, NaN
+    none. margin: absolute, or a fraction of the baseline's mean when relative. n_variants: the
+    study's m (default: every variant in values but the baseline). The bootstrap of variant `name`
+    draws from default_rng([seed, crc32(name)]). See METHOD."""
     if not (np.isfinite(margin) and margin > 0):
         raise ValueError(f"margin must be a positive number, got {margin}")
-    m = len(diffs) if n_variants is None else n_variants
-    if m < len(diffs):
-        raise ValueError(f"n_variants={m} but {len(diffs)} variants were given")
-    level = interval_level(alpha, m, n_looks)
-    a, out = 1 - level, {}
-    for name, values in diffs.items():
-        d = _finite(values)
-        n = len(d)
-        mean = float(d.mean()) if n else math.nan
-        sd = float(d.std(ddof=1)) if n >= 2 else math.nan
-        low, high = (float(x) for x in _t_bounds(mean, sd, n, a))
-        code, within = _classify(low, high, margin, lower_is_better)
-        p_diff, p_equiv = _t_pvalues(mean, sd, n, margin)
-        wins = (d < 0) if lower_is_better else (d > 0)
-        boot = _bootstrap(d, level, n_boot, np.random.default_rng([seed, zlib.crc32(name.encode())]))
-        out[name] = Decision(
-            verdict=DECISIONS[int(code)], within_margin=bool(within), n=n, mean=mean, sd=sd,
-            low=low, high=high, level=level, p_diff=p_diff, p_equiv=p_equiv,
-            p_diff_adj=float(np.minimum(1.0, m * n_looks * p_diff)),  # NaN stays NaN
-            p_equiv_adj=float(np.minimum(1.0, 2 * m * n_looks * p_equiv)),
-            boot_low=boot[0], boot_high=boot[1],
-            share_better=float((wins.sum() + 0.5 * (d == 0).sum()) / n) if n else math.nan,
-            detectable=detectable_difference(sd, n, a, power), margin=margin)
+    values, diverged = with_divergence(values, lower_is_better)
+    m = n_variants if n_variants is not None else sum(1 for v in values if v != baseline)
+    if m < len(active):
+        raise ValueError(f"n_variants={m} but {len(active)} variants were given")
+    a = look_level(alpha, max(m, 1), plan, look)
+    outliers = _spread_outliers(values, baseline)  # one noisy variant must not blur all the others
+    noise = shared_noise({v: by_seed for v, by_seed in values.items() if v not in outliers})
+    base = values.get(baseline, {})
+    out = {}
+    for name in active:
+        own = values.get(name, {})
+        seeds = sorted(s for s in own if s in base)
+        y, y0 = np.array([own[s] for s in seeds]), np.array([base[s] for s in seeds])
+        out[name] = _decide_one(
+            y, y0, noise, a, margin, relative, lower_is_better, power,
+            sum((name, s) in diverged for s in seeds), n_boot, np.random.default_rng([seed, zlib.crc32(name.encode())]))
     return out
 
 
-def undecided(decision: Decision, margin: float) -> Decision:
-    """A decision forced to undecided (no usable margin), with its figures kept."""
-    return replace(decision, verdict=Verdict.UNDECIDED, within_margin=False, margin=margin)
+def _spread_outliers(values: Mapping[str, Mapping[int, float]], baseline: str) -> set[str]:
+    """Variants (any, decided ones too) whose own paired spread exceeds the shared spread of all the
+    others by an F-test at POOL_OUT, from GUARD_F_SEEDS paired seeds on: left out of the shared variance."""
+    base = values.get(baseline, {})
+    out = set()
+    for v, by_seed in values.items():
+        d = np.array([y - base[s] for s, y in by_seed.items() if s in base])
+        if v == baseline or len(d) < GUARD_F_SEEDS:
+            continue
+        others = shared_noise({u: ys for u, ys in values.items() if u != v})
+        if np.isfinite(others.var) and \
+                d.var(ddof=1) > 2 * others.var * float(stats.f.isf(POOL_OUT, len(d) - 1, others.df)):
+            out.add(v)
+    return out
 
 
-@dataclass(frozen=True)
-class Simulation:
-    """Outcome of simulate(): one row per simulated study, one column per variant."""
-    verdict: np.ndarray  # (studies, m) int: index into records.DECISIONS
-    within_margin: np.ndarray  # (studies, m) bool: the deciding interval lay inside +-margin
-    n_used: np.ndarray  # (studies, m) int: seeds the variant ran
-    true_diff: np.ndarray  # (m,) the true mean differences
-    margin: float
-    lower_is_better: bool
-    max_seeds: int
+def _decide_one(y: np.ndarray, y0: np.ndarray, noise: SharedNoise, a: float, margin: float, relative: bool,
+                lower_is_better: bool, power: float, diverged: int, n_boot: int,
+                rng: np.random.Generator) -> Decision:
+    d = y - y0
+    n = len(d)
+    mean = float(d.mean()) if n else math.nan
+    abs_margin = absolute_margin(margin, relative, y0)
+    wins = (d < 0) if lower_is_better else (d > 0)
+    share = float((wins.sum() + 0.5 * (d == 0).sum()) / n) if n else math.nan
+    if n < 2:
+        nan = math.nan
+        return Decision(Verdict.UNDECIDED, False, n, mean, nan, nan, nan, "own", nan, nan, 1 - a, nan, nan, nan, nan,
+                        nan, nan, share, nan, abs_margin, diverged)
+    sd = float(d.std(ddof=1))
+    shared = np.isfinite(noise.var)
+    own_spread = not shared or (n >= GUARD_F_SEEDS
+                                and sd ** 2 > 2 * noise.var * float(stats.f.isf(GUARD_F, n - 1, noise.df)))
+    if own_spread and not shared:
+        se, df = sd / math.sqrt(n), n - 1
+    elif own_spread:  # the wider of the two, at this look's level
+        own_half = stats.t.isf(a / 2, n - 1) * sd / math.sqrt(n)
+        shared_se = math.sqrt(2 * noise.var / n)
+        se, df = ((sd / math.sqrt(n), n - 1) if own_half >= stats.t.isf(a / 2, noise.df) * shared_se
+                  else (shared_se, noise.df))
+    else:
+        se, df = math.sqrt(2 * noise.var / n), noise.df
+    half2 = _half(d, 2.0, noise, own_spread, a / 2, GUARD_LEVEL / 2)  # two-sided 1 - a: better/worse
+    half1 = _half(d, 2.0, noise, own_spread, a, GUARD_LEVEL)  # one-sided a each: equivalence
+    low, high = mean - half2, mean + half2
+    if relative:  # value - (1 +- margin) x baseline per seed: Fieller-type, the baseline's noise counted
+        sign = 1.0 if y0.mean() >= 0 else -1.0
+        up, down = y - (1 + sign * margin) * y0, y - (1 - sign * margin) * y0
+        within = bool(up.mean() + _half(up, 1 + (1 + sign * margin) ** 2, noise, own_spread, a, GUARD_LEVEL) < 0
+                      and down.mean() - _half(down, 1 + (1 - sign * margin) ** 2, noise, own_spread, a, GUARD_LEVEL) > 0)
+    else:
+        within = bool(mean + half1 < abs_margin and mean - half1 > -abs_margin)
+    below, above = high < 0, low > 0
+    better, worse = (below, above) if lower_is_better else (above, below)
+    verdict = (Verdict.BETTER if better else Verdict.WORSE if worse else
+               Verdict.EQUIVALENT if within else Verdict.UNDECIDED)
+    p_diff, p_equiv = _t_pvalues(mean, se, df, abs_margin)
+    boot = _bootstrap(d, 1 - a, n_boot, rng)
+    return Decision(verdict, within, n, mean, sd, se, df, "own" if own_spread else "shared", low, high, 1 - a,
+                    mean - half1, mean + half1, p_diff, p_equiv, boot[0], boot[1], share,
+                    detectable_difference(se, df, a, power), abs_margin, diverged)
 
-    def share(self, verdict: str) -> float:
-        """Share of all simulated variants that ended with this verdict."""
-        return float((self.verdict == DECISIONS.index(verdict)).mean())
 
-    def wrong(self) -> np.ndarray:
-        """(studies, m) bool: a claim the true difference contradicts: better or worse on the
-        wrong side of 0 (or at 0), equivalent or 'less than the margin' when |true| >= margin."""
-        mu = self.true_diff[None, :]
-        good, bad = (mu < 0, mu > 0) if self.lower_is_better else (mu > 0, mu < 0)
-        v = self.verdict
-        return (((v == DECISIONS.index(Verdict.BETTER)) & ~good) | ((v == DECISIONS.index(Verdict.WORSE)) & ~bad)
-                | (self.within_margin & (np.abs(mu) >= self.margin)))
-
-    @property
-    def family_error(self) -> float:
-        """Share of studies with at least one wrong claim (the rate METHOD bounds by alpha)."""
-        return float(self.wrong().any(axis=1).mean())
-
-    @property
-    def mean_seeds(self) -> float:
-        return float(self.n_used.mean())
-
-    @property
-    def seeds_saved(self) -> float:
-        """Share of variant seeds saved against running max_seeds for every variant."""
-        return 1 - self.mean_seeds / self.max_seeds
-
-    @property
-    def study_seeds_saved(self) -> float:
-        """The same for whole studies, counting the baseline's seeds: as many as its longest variant."""
-        cells = self.n_used.sum(axis=1) + self.n_used.max(axis=1)
-        return 1 - float(cells.mean()) / ((self.n_used.shape[1] + 1) * self.max_seeds)
+def _t_pvalues(mean: float, se: float, df: float, margin: float) -> tuple[float, float]:
+    """Two-sided p of a zero mean and the TOST p against +-margin (Schuirmann 1987)."""
+    if se == 0:
+        return (1.0 if mean == 0 else 0.0), (1.0 if abs(mean) >= margin else 0.0)
+    p_diff = float(2 * stats.t.sf(abs(mean) / se, df))
+    p_equiv = float(max(stats.t.sf((mean + margin) / se, df), stats.t.cdf((mean - margin) / se, df)))
+    return p_diff, p_equiv
 
 
-def simulate(true_diff: float | Sequence[float], sd: float, margin: float, *, n_variants: int = 1,
-             alpha: float = ALPHA, min_seeds: int = 3, max_seeds: int = 10,
-             step: int | None = None, n_studies: int = 2000, corr: float = 0.5,
-             lower_is_better: bool = True, seed: int = 0) -> Simulation:
-    """The whole adaptive procedure on n_studies simulated studies at once: every variant runs
-    min_seeds, then undecided ones run to each next look of looks(min_seeds, max_seeds, step),
-    verdicts read off the same intervals as decide(). Paired differences are normal with mean
-    true_diff (one value, or one per variant) and standard deviation sd; two variants' differences
-    on a seed correlate by `corr` (0.5 when variant and baseline noise are equal and independent:
-    they share the baseline's cell). n_variants is used when true_diff is a single value."""
-    mu = np.atleast_1d(np.asarray(true_diff, dtype=float))
-    mu = np.repeat(mu, n_variants) if mu.size == 1 else mu
-    if not 0 <= corr < 1:
-        raise ValueError(f"corr must be in [0, 1), got {corr}")
-    plan = looks(min_seeds, max_seeds, step)
-    a = 1 - interval_level(alpha, mu.size, len(plan))
-    rng = np.random.default_rng(seed)
-    shape = (n_studies, mu.size, max_seeds)
-    noise = (math.sqrt(corr) * rng.standard_normal((n_studies, 1, max_seeds))
-             + math.sqrt(1 - corr) * rng.standard_normal(shape))
-    d = mu[:, None] + sd * noise  # (studies, m, seeds)
-    code = np.full(shape[:2], DECISIONS.index(Verdict.UNDECIDED))
-    within = np.zeros(shape[:2], dtype=bool)
-    n_used = np.zeros(shape[:2], dtype=int)
-    active = np.ones(shape[:2], dtype=bool)
-    for n in plan:
-        x = d[..., :n]
-        c, w = _classify(*_t_bounds(x.mean(-1), x.std(-1, ddof=1), n, a), margin, lower_is_better)
-        code, within = np.where(active, c, code), np.where(active, w, within)
-        n_used = np.where(active, n, n_used)
-        active &= c == DECISIONS.index(Verdict.UNDECIDED)
-    return Simulation(code, within, n_used, mu, margin, lower_is_better, max_seeds)
+def seeds_needed(mean: float, sd: float, margin: float, a: float, *, at_least: int = 2, power: float = POWER,
+                 most: int = 100) -> int | None:
+    """Seeds a variant would likely need for a verdict when its paired differences have this mean
+    and per-seed spread sd: the fewest n (at least at_least) at which a test at level a (two-sided
+    for better/worse, one-sided for each equivalence bound) has the given power, by the normal
+    approximation n = ((z + z_power) sd / distance)^2, distance = |mean| from 0, or margin - |mean|
+    from the margin, whichever needs fewer. None when neither is reachable within `most` seeds."""
+    if not (np.isfinite(mean) and np.isfinite(sd)):
+        return None
+    z_power = stats.norm.isf(1 - power)
+    options = []
+    if abs(mean) > 0:
+        options.append(((stats.norm.isf(a / 2) + z_power) * sd / abs(mean)) ** 2)
+    if np.isfinite(margin) and margin > abs(mean):
+        options.append(((stats.norm.isf(a) + z_power) * sd / (margin - abs(mean))) ** 2)
+    if not options:
+        return None
+    n = max(at_least, math.ceil(min(options)))
+    return n if n <= most else None
+
+
+def futile(decision: Decision, a_last: float, max_seeds: int) -> bool:
+    """An undecided variant that would likely need more than FUTILITY x max_seeds seeds for a
+    verdict at the last look's level a_last: more seeds up to max_seeds would most likely leave it
+    undecided (a non-binding futility stop; it makes no verdict, so the error bound is untouched)."""
+    if decision.verdict != Verdict.UNDECIDED or decision.n < 2 or not np.isfinite(decision.se):
+        return False
+    sd = decision.se * math.sqrt(decision.n)
+    return seeds_needed(decision.mean, sd, decision.margin, a_last, at_least=decision.n + 1,
+                        most=int(FUTILITY * max_seeds)) is None

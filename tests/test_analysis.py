@@ -1,5 +1,6 @@
 """analysis.analyse, the replay of a study's looks shared by the runner and the report: which seeds
-each variant needs, and the verdict read at each look (intervals against scipy); the seeds and
+each variant needs, and the verdict read at each look (intervals against tests/reference_stats.py:
+statsmodels and scipy); the seeds and
 cells of adaptive and vary_split studies; one-line errors for bad analysis settings."""
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import math
 
 import numpy as np
 import pytest
-from scipy import stats as sps
+from scipy.stats import t as sps_t
 
 from chae_ablate import analysis
 from chae_ablate.config import AnalysisConfig
@@ -17,6 +18,7 @@ from chae_ablate.records import CellRecord, CellState, PlannedCell
 from chae_ablate.study import load_study, study_from_dict
 
 from conftest import STUDIES
+from reference_stats import reference, shared as shared_of, spent
 
 ALPHA = 0.05
 ORDER = [7, 3, 11, 0, 1, 2, 4, 5, 6, 8]  # the draw order: not sorted, so a sorted replay would differ
@@ -24,13 +26,18 @@ BASE = dict(zip(ORDER, [0.50, 0.53, 0.47, 0.52, 0.49, 0.51, 0.55, 0.46, 0.50, 0.
 DIFFS = {  # variant - baseline on the seeds in ORDER; margin 0.05, looks at 3, 6, 10 seeds
     "fast": [-0.30, -0.31, -0.29, -0.32, -0.30, -0.28, -0.31, -0.29, -0.30, -0.30],  # better at 3
     "mid": [0.14, 0.08, 0.11, 0.06, 0.10, 0.12, 0.09, 0.11, 0.10, 0.10],  # undecided at 3, worse at 6
-    "slow": [0.04, -0.03, 0.02, -0.04, 0.03, -0.02, 0.01, -0.01, 0.00, 0.00],  # equivalent at 10
+    "slow": [0.05, -0.04, 0.03, -0.05, 0.04, -0.03, 0.01, -0.01, 0.00, 0.00],  # equivalent at 10
 }
 VARIANTS = ["baseline", *DIFFS]
 VALUES = {"baseline": BASE, **{v: {s: BASE[s] + d for s, d in zip(ORDER, ds)} for v, ds in DIFFS.items()}}
 SEEDS = {v: ORDER for v in VARIANTS}
 ADAPTIVE = AnalysisConfig(adaptive=True, min_seeds=3, max_seeds=10, margin=0.05, relative=False)
-LEVEL = 1 - ALPHA / (3 * 3)  # m = 3 variants, K = 3 looks
+PLAN = [3, 6, 10]
+
+
+def a_at(look: int, m: int = 3) -> float:
+    """The error each variant may spend at a look (0-based): alpha_k / m."""
+    return spent(ALPHA, PLAN, look) / m
 
 
 def everything(variant: str, seed: int) -> bool:
@@ -42,9 +49,14 @@ def diffs_on(variant: str, seeds, values=VALUES) -> np.ndarray:
                      if s in values[variant] and s in values["baseline"]])
 
 
-def scipy_interval(d: np.ndarray, level: float = LEVEL) -> tuple[float, float]:
-    ci = sps.ttest_1samp(d, 0.0).confidence_interval(level)
-    return ci.low, ci.high
+def at_look(values: dict, seeds: dict) -> dict:
+    """Every value a look knows: each variant's on its seeds so far."""
+    return {v: {s: values[v][s] for s in seeds[v] if s in values[v]} for v in seeds}
+
+
+def interval(values: dict, seeds: dict, variant: str, a: float, margin: float = 0.05) -> tuple[float, float]:
+    ref = reference(at_look(values, seeds), variant, a, margin)
+    return ref.low, ref.high
 
 
 def same(a: analysis.Outcome, b: analysis.Outcome) -> bool:
@@ -74,9 +86,9 @@ def test_fixed_design_takes_one_look_at_every_listed_seed():
     assert (out.n_looks, out.looks_taken, out.complete, out.margin) == (1, {"a": 1, "b": 1}, True, 0.05)
     assert out.seeds == {"baseline": seeds, "a": seeds, "b": seeds[:8]}
     for v, n in [("a", 12), ("b", 8)]:
-        dec, d = out.decisions[v], diffs_on(v, seeds, values)
+        dec = out.decisions[v]
         assert dec.n == n and dec.level == pytest.approx(1 - ALPHA / 2)
-        assert (dec.low, dec.high) == pytest.approx(scipy_interval(d, 1 - ALPHA / 2), rel=1e-10)
+        assert (dec.low, dec.high) == pytest.approx(interval(values, out.seeds, v, ALPHA / 2), rel=1e-9)
     assert out.decisions["a"].verdict == "better"
     assert out.decisions["b"].verdict == "undecided"
 
@@ -88,14 +100,21 @@ def test_adaptive_looks_stop_decided_variants(adaptive):
     assert adaptive.seeds == {"baseline": ORDER, "fast": ORDER[:3], "mid": ORDER[:6], "slow": ORDER}
     assert adaptive.looks_taken == {"fast": 1, "mid": 2, "slow": 3}
     assert (adaptive.n_looks, adaptive.complete, adaptive.margin) == (3, True, 0.05)
-    for v, n, verdict in [("fast", 3, "better"), ("mid", 6, "worse"), ("slow", 10, "equivalent")]:
-        dec, d = adaptive.decisions[v], diffs_on(v, ORDER[:n])
-        assert (dec.verdict, dec.n, dec.level) == (verdict, n, pytest.approx(LEVEL))
+    # what each look knew: every variant's seeds up to the look, the decided ones' up to their last
+    knew = [{"baseline": ORDER[:3], "fast": ORDER[:3], "mid": ORDER[:3], "slow": ORDER[:3]},
+            {"baseline": ORDER[:6], "fast": ORDER[:3], "mid": ORDER[:6], "slow": ORDER[:6]},
+            {"baseline": ORDER, "fast": ORDER[:3], "mid": ORDER[:6], "slow": ORDER}]
+    for v, look, verdict in [("fast", 0, "better"), ("mid", 1, "worse"), ("slow", 2, "equivalent")]:
+        dec, d, n = adaptive.decisions[v], diffs_on(v, ORDER[:PLAN[look]]), PLAN[look]
+        assert (dec.verdict, dec.n, dec.level) == (verdict, n, pytest.approx(1 - a_at(look)))
         assert dec.mean == pytest.approx(d.mean(), abs=1e-12)
-        assert (dec.low, dec.high) == pytest.approx(scipy_interval(d), rel=1e-10)
-        for earlier in [k for k in (3, 6) if k < n]:  # every earlier look's interval was undecided
-            low, high = scipy_interval(diffs_on(v, ORDER[:earlier]))
-            assert low < 0 < high and (low < -0.05 or high > 0.05)
+        ref = reference(at_look(VALUES, knew[look]), v, a_at(look), 0.05)
+        assert (dec.low, dec.high, dec.eq_low, dec.eq_high) == pytest.approx(
+            (ref.low, ref.high, ref.eq_low, ref.eq_high), rel=1e-9)
+        assert (dec.variance, dec.df) == (ref.variance, ref.df)
+        for earlier in range(look):  # every earlier look's intervals were undecided
+            ref = reference(at_look(VALUES, knew[earlier]), v, a_at(earlier), 0.05)
+            assert ref.low < 0 < ref.high and (ref.eq_low < -0.05 or ref.eq_high > 0.05)
 
 
 def test_a_look_waits_for_its_cells_and_keeps_earlier_decisions(adaptive):
@@ -136,19 +155,32 @@ def test_failed_cells_are_settled_without_a_value():
     del values["slow"][ORDER[1]], values["baseline"][ORDER[4]]
     out = analysis.analyse(values, everything, VARIANTS, SEEDS, ADAPTIVE)
     assert out.complete and out.seeds == {"baseline": ORDER, "fast": ORDER[:3], "mid": ORDER[:6], "slow": ORDER}
-    for v, n_pairs in [("fast", 3), ("mid", 5), ("slow", 8)]:
+    for v, n_pairs, look in [("fast", 3, 0), ("mid", 5, 1), ("slow", 8, 2)]:
         dec, d = out.decisions[v], diffs_on(v, out.seeds[v], values)
         assert len(d) == dec.n == n_pairs
-        assert (dec.low, dec.high) == pytest.approx(scipy_interval(d), rel=1e-10)
+        knew = {u: seeds[:PLAN[look]] for u, seeds in out.seeds.items()}
+        assert (dec.low, dec.high) == pytest.approx(interval(values, knew, v, a_at(look)), rel=1e-9)
 
 
-def test_relative_margin_comes_from_the_baseline_first_look():
+def test_relative_margin_is_tested_against_the_baseline_seed_by_seed():
+    """A relative margin is no number fixed at the first look: each variant's equivalence is the two
+    one-sided tests of value - (1 +- r) x baseline per seed (the baseline's noise counted), and the
+    margin shown is r x the baseline's mean over the seeds the verdict used."""
     config = dataclasses.replace(ADAPTIVE, relative=True, margin=0.1)
     out = analysis.analyse(VALUES, everything, VARIANTS, SEEDS, config)
-    first = np.mean([BASE[s] for s in ORDER[:3]])
-    assert out.margin == pytest.approx(0.1 * abs(first), rel=1e-12)
-    assert out.margin != pytest.approx(0.1 * np.mean(list(BASE.values())), rel=1e-6)
-    assert {d.margin for d in out.decisions.values()} == {out.margin}
+    for v, d in out.decisions.items():
+        assert d.margin == pytest.approx(0.1 * abs(np.mean([BASE[s] for s in out.seeds[v]])), rel=1e-12)
+    assert out.margin == pytest.approx(0.1 * np.mean([BASE[s] for s in out.seeds["baseline"]]), rel=1e-12)
+    slow = out.decisions["slow"]
+    y, y0 = (np.array([VALUES[u][s] for s in ORDER]) for u in ("slow", "baseline"))
+    var, df = shared_of({u: {s: VALUES[u][s] for s in out.seeds[u]} for u in VARIANTS})
+    a = a_at(len(PLAN) - 1)
+    for k, side in [(1.1, -1), (0.9, 1)]:  # up: y - 1.1 y0 < 0; down: y - 0.9 y0 > 0
+        c = y - k * y0
+        half = max(sps_t.isf(a, df) * math.sqrt((1 + k * k) * var / len(c)),
+                   sps_t.isf(0.02, len(c) - 1) * c.std(ddof=1) / math.sqrt(len(c)))
+        assert (c.mean() - side * half) * side > 0  # the bound lies on the equivalent side
+    assert slow.verdict == "equivalent"
     negative = {v: {s: -x for s, x in by_seed.items()} for v, by_seed in VALUES.items()}  # |mean|, not mean
     assert analysis.analyse(negative, everything, VARIANTS, SEEDS, config).margin == pytest.approx(out.margin)
 

@@ -15,7 +15,6 @@ import pytest
 from PIL import Image
 from scipy import stats as sps
 from statsmodels.stats.power import TTestPower
-from statsmodels.stats.weightstats import ttost_paired
 
 from chae_ablate import files, report, tracking
 from chae_ablate.analysis import Plan, outcome
@@ -25,13 +24,15 @@ from chae_ablate.metrics import EPOCH_METRICS
 from chae_ablate.records import CellRecord, CellState, PlannedCell
 from chae_ablate.versions import new_version
 
+from reference_stats import reference, spent
+
 N_EPOCHS = 5
 ALPHA = 0.05
 SEEDS = [0, 1, 2, 3, 4, 5]
 BASE = dict(zip(SEEDS, [0.50, 0.53, 0.47, 0.52, 0.49, 0.51]))  # spread wider than most differences:
 DIFFS = {  # variant -> paired difference from the baseline, per seed   # only pairing decides these
-    "better": [-0.10, -0.12, -0.09, -0.11, -0.10, -0.08],  # beyond any margin below 0
-    "worse": [0.20, 0.22, 0.18, 0.21, 0.19, 0.20],
+    "better": [-0.10, -0.104, -0.098, -0.102, -0.10, -0.096],  # beyond any margin below 0
+    "worse": [0.20, 0.204, 0.196, 0.202, 0.198, 0.20],
     "same": [0.002, -0.002, 0.001, -0.001, 0.0, 0.0],  # mean 0, tiny spread: equivalent
     "noisy": [0.06, -0.05, 0.04, -0.07, 0.05, -0.02],  # interval straddles 0 and the margin
     "slightly": [-0.010, -0.012, -0.009, -0.011, -0.010, -0.008],  # below 0, inside the margin
@@ -93,35 +94,34 @@ def known_report(tmp_path_factory):
     return md, *read_csvs(out), written
 
 
-def test_intervals_and_p_values_match_scipy_and_statsmodels(known_report):
+def test_intervals_and_p_values_match_the_reference(known_report):
+    """Every interval against tests/reference_stats.py (statsmodels' two-way fit, scipy's t), the
+    p-value against scipy at the interval's standard error, the detectable difference against
+    statsmodels' power, and each verdict read off those intervals."""
     _, summary, _, _ = known_report
-    m, level = len(DIFFS), 1 - ALPHA / len(DIFFS)  # m = 5 variants, K = 1 look
+    m = len(DIFFS)
+    a = ALPHA / m  # one look spends all of alpha, split over the m = 5 variants
     margin = 0.05 * abs(np.mean(list(BASE.values())))
     for variant in DIFFS:
         x, base = paired(variant)
         row, d = summary.loc[variant], x - base
-        ci = sps.ttest_1samp(d, 0.0).confidence_interval(level)
-        assert row["level"] == pytest.approx(level, abs=1e-15)
-        assert (row["n_pairs"], row["looks"]) == (len(SEEDS), 1)
+        ref = reference(KNOWN, variant, a, 0.05, relative=True)
+        assert row["level"] == pytest.approx(1 - a, abs=1e-15)
+        df = len(SEEDS) - 1 if ref.variance == "own" else ref.df  # a noisier variant's own t
+        assert (row["n_pairs"], row["looks"], row["variance"], row["df"]) == (len(SEEDS), 1, ref.variance, df)
         assert row["diff"] == pytest.approx(d.mean(), abs=1e-12)
-        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
-        assert row["p_diff_adj"] == pytest.approx(min(1.0, m * sps.ttest_rel(x, base).pvalue), rel=1e-9)
-        p_tost = ttost_paired(x, base, -margin, margin)[0]
-        assert row["p_equiv_adj"] == pytest.approx(min(1.0, 2 * m * p_tost), rel=1e-6, abs=1e-300)
-        # the difference these seeds detect with 80% power at the interval's level
-        effect = TTestPower().solve_power(nobs=len(d), alpha=1 - level, power=0.8, alternative="two-sided")
-        assert row["detectable"] == pytest.approx(effect * d.std(ddof=1), rel=1e-4)
+        assert (row["diff_low"], row["diff_high"], row["eq_low"], row["eq_high"]) == pytest.approx(
+            (ref.low, ref.high, ref.eq_low, ref.eq_high), rel=1e-9)
+        if ref.variance == "shared":  # the difference detectable with 80% power by the shared t-test
+            effect = TTestPower().solve_power(nobs=ref.df + 1, alpha=a, power=0.8, alternative="two-sided")
+            assert row["detectable"] == pytest.approx(effect * ref.shared_se * math.sqrt(ref.df + 1), rel=1e-4)
         wins = (d < 0).sum() + 0.5 * (d == 0).sum()
         assert row["share_better"] == pytest.approx(wins / len(d))
         assert row["boot_low"] <= d.mean() <= row["boot_high"]
-        # the verdict follows from the interval: below 0 better, above 0 worse, inside +-margin equivalent
-        lo, hi = ci.low, ci.high
-        within = -margin < lo and hi < margin
-        code = "better" if hi < 0 else "worse" if lo > 0 else "equivalent" if within else "undecided"
-        assert row["verdict_code"] == code
-        assert bool(row["within_margin"]) == within
+        assert row["verdict_code"] == ref.verdict and bool(row["within_margin"]) == ref.within
+    assert summary.loc["same", "eq_high"] < margin
     base_row = summary.loc["baseline"]
-    assert base_row[["n_pairs", "diff", "diff_low", "diff_high", "level", "p_diff_adj", "p_equiv_adj"]].isna().all()
+    assert base_row[["n_pairs", "diff", "diff_low", "diff_high", "level", "eq_low", "eq_high"]].isna().all()
     assert summary["verdict"].to_dict() == LABELS  # the fixture covers every verdict
 
 
@@ -131,7 +131,7 @@ def test_relative_margin_is_a_fraction_of_the_baseline_mean(known_report):
     standing = outcome(plan, records)
     margin = 0.05 * abs(np.mean(list(BASE.values())))
     assert standing.margin == pytest.approx(margin, rel=1e-12)
-    assert f"Margin: 5% of the baseline's mean over its first look = {margin:.4f}" in md.read_text()
+    assert f"Margin: 5% of the baseline's mean = {margin:.4f}" in md.read_text()
     assert standing.complete and standing.n_looks == 1
 
 
@@ -166,21 +166,20 @@ def test_results_csv_has_every_needed_cell_with_same_seed_differences(known_repo
         assert r.test_acc == pytest.approx(0.85 - loss / 10) and r.test_loss == pytest.approx(loss + 0.02)
         assert r.diff_vs_baseline == pytest.approx(loss - BASE[r.seed], abs=1e-12)
     row = results[(results["variant"] == "better") & (results["seed"] == 1)].iloc[0]
-    assert row["diff_vs_baseline"] == pytest.approx(-0.12)
+    assert row["diff_vs_baseline"] == pytest.approx(-0.104)
 
 
 def test_conclusion_names_contradicting_and_supporting_variants(known_report):
     md, summary, _, _ = known_report
     text = md.read_text()
     x, base = paired("better")
-    ci = sps.ttest_rel(x, base).confidence_interval(1 - ALPHA / 5)
-    noisy = summary.loc["noisy", "detectable"]
-    assert 0 < noisy < 1
+    row, noisy = summary.loc["better"], summary.loc["noisy"]
+    assert noisy["needs"].startswith("`noisy` ")  # how many seeds it would need, or that over 100 would
     want = (f"In this study the claim is contradicted: contradicted by 1 variant(s) that beat the baseline by "
-            f"more than noise: `better` {np.mean(x - base):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}] (n=6); "
+            f"more than noise: `better` {np.mean(x - base):+.3f} [{row.diff_low:+.3f}, {row.diff_high:+.3f}] (n=6); "
             f"supported by 2 variant(s): `worse` worse, `same` equivalent; 1 variant(s) beat it by less than "
-            f"the margin, which the claim allows: `slightly`; undecided for 1 variant(s) (`noisy` could detect "
-            f"{noisy:.3f}): `chae-ablate run STUDY --adaptive` adds seeds where they are undecided.")
+            f"the margin, which the claim allows: `slightly`; undecided for 1 variant(s) ({noisy['needs']}): "
+            f"`chae-ablate run STUDY --adaptive` adds seeds where they are undecided.")
     assert want in text
     assert "(this study trained 5)" in text  # not the paper's 20 epochs
     assert "36 of 36 needed cells are in the statistics" in text and "not complete" not in text
@@ -258,13 +257,14 @@ def test_forest_plot_colours_its_verdicts(known_report):
 def test_format_summary_table(known_report):
     _, summary, _, _ = known_report
     lines = report.format_summary_table(summary.reset_index()).splitlines()
-    assert lines[0].split() == ["variant", "seeds", "best_val_loss", "difference", "[99.00%", "interval]", "verdict"]
+    assert lines[0].split() == ["variant", "seeds", "best_val_loss", "difference", "[interval", "at", "its",
+                                "look's", "level]", "verdict"]
     assert len(lines) == 1 + len(KNOWN)
     base = np.array(list(BASE.values()))
     assert lines[1].split() == ["baseline", "6/6", f"{base.mean():.3f}", "±", f"{base.std(ddof=1):.3f}", "baseline"]
     x, b = paired("worse")
-    ci = sps.ttest_rel(x, b).confidence_interval(0.99)
-    assert f"{np.mean(x - b):+.3f} [{ci.low:+.3f}, {ci.high:+.3f}]" in lines[2 + list(DIFFS).index("worse")]
+    ref = reference(KNOWN, "worse", ALPHA / len(DIFFS), 0.05, relative=True)
+    assert f"{np.mean(x - b):+.3f} [{ref.low:+.3f}, {ref.high:+.3f}]" in lines[2 + list(DIFFS).index("worse")]
     assert lines[-1].endswith("better (less than the margin)")
     assert report.summary_table_text(known_report[0].parent).splitlines() == lines
 
@@ -306,18 +306,17 @@ def test_adaptive_study_reports_only_the_needed_cells(tmp_path):
     summary, results = read_csvs(tmp_path)
     assert results[["variant", "seed"]].values.tolist() == [[v, s] for v, by_seed in losses.items() for s in by_seed]
     assert (results["status"] == "done").all()
-    level = 1 - ALPHA / (2 * 2)  # m = 2 variants, K = 2 looks
-    for variant, seeds, looks, code in [("fast", SEEDS[:3], 1, "better"), ("slow", SEEDS, 2, "equivalent")]:
-        x, base = paired(variant, losses, seeds)
-        ci = sps.ttest_1samp(x - base, 0.0).confidence_interval(level)
-        row = summary.loc[variant]
-        assert (row["n_needed"], row["n_pairs"], row["looks"]) == (len(seeds), len(seeds), looks)
-        assert row["verdict_code"] == code
-        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
-        assert row["level"] == pytest.approx(level)
-    x, base = paired("slow", losses, SEEDS[:3])  # at the first look slow was undecided
-    ci3 = sps.ttest_1samp(x - base, 0.0).confidence_interval(level)
-    assert ci3.low < -0.05 or ci3.high > 0.05
+    first, last = (spent(ALPHA, [3, 6], k) / 2 for k in (0, 1))  # m = 2 variants, looks at 3 and 6 seeds
+    knew = [{v: SEEDS[:3] for v in losses}, {"baseline": SEEDS, "fast": SEEDS[:3], "slow": SEEDS}]
+    for variant, look, a, code in [("fast", 0, first, "better"), ("slow", 1, last, "equivalent")]:
+        seen = {v: {s: losses[v][s] for s in seeds} for v, seeds in knew[look].items()}
+        ref, row, n = reference(seen, variant, a, 0.05), summary.loc[variant], [3, 6][look]
+        assert (row["n_needed"], row["n_pairs"], row["looks"]) == (n, n, look + 1)
+        assert row["verdict_code"] == code == ref.verdict
+        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ref.low, ref.high), rel=1e-9)
+        assert row["level"] == pytest.approx(1 - a)
+    ref3 = reference({v: {s: losses[v][s] for s in SEEDS[:3]} for v in losses}, "slow", first, 0.05)
+    assert ref3.verdict == "undecided"  # at the first look slow was undecided
     assert summary.loc["baseline", "n_needed"] == 6
     text = md.read_text()
     assert "Seeds: adaptive, 3 to 6 seeds." in text and "looks at 3, 6 seeds (K = 2)" in text
@@ -386,14 +385,13 @@ def test_failed_cells_settle_the_look(tmp_path):
     failed = {("kernel5", 1): "CUDA out of memory", ("dim96", 0): "loss became NaN", ("heads4", 1): "diverged"}
     report.build_report(*make_study(losses, failed=failed), tmp_path)
     summary, _ = read_csvs(tmp_path)
-    level = 1 - ALPHA / 3
+    a = ALPHA / 3
     for variant in ["kernel5", "heads4"]:
-        x, base = paired(variant, losses, [0, 2])
-        ci = sps.ttest_rel(x, base).confidence_interval(level)
+        ref = reference(losses, variant, a, 0.05, relative=True)  # failed cells: no value, no pair
         row = summary.loc[variant]
         assert (row["n"], row["n_needed"], row["n_pairs"], row["looks"]) == (2, 3, 2, 1)
-        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ci.low, ci.high), rel=1e-9)
-        assert row["level"] == pytest.approx(level)
+        assert (row["diff_low"], row["diff_high"]) == pytest.approx((ref.low, ref.high), rel=1e-9)
+        assert row["level"] == pytest.approx(1 - a)
     assert (summary.loc["dim96", "n_pairs"], summary.loc["dim96", "verdict"]) == (0, "undecided")
 
 
@@ -405,7 +403,7 @@ def test_one_seed_is_undecided_without_an_interval(tmp_path):
     assert summary.loc[["heads4", "deep"], "n_pairs"].tolist() == [1, 1]
     assert summary.loc[["heads4", "deep"], "diff"].tolist() == pytest.approx([-0.05, 0.05])
     assert summary.loc[["heads4", "deep"], ["diff_low", "diff_high", "detectable"]].isna().all().all()
-    assert "undecided for 2 variant(s) (`heads4` n=1, `deep` n=1)" in md.read_text()
+    assert "undecided for 2 variant(s) (`heads4` n=1; `deep` n=1)" in md.read_text()
 
 
 def test_no_finished_baseline_gives_no_verdicts(tmp_path):
@@ -438,9 +436,9 @@ def test_higher_is_better_metric_flips_the_verdicts(tmp_path):
     report.build_report(*make_study(losses, analysis=analysis), tmp_path)
     summary, _ = read_csvs(tmp_path)
     assert summary.loc[["better", "worse"], "verdict"].tolist() == ["better", "worse"]
-    acc = {v: np.array([0.85 - losses[v][s] / 10 for s in SEEDS]) for v in losses}
-    ci = sps.ttest_rel(acc["better"], acc["baseline"]).confidence_interval(1 - ALPHA / 2)
-    assert summary.loc["better", "diff_low"] == pytest.approx(ci.low) and ci.low > 0
+    acc = {v: {s: 0.85 - losses[v][s] / 10 for s in SEEDS} for v in losses}
+    ref = reference(acc, "better", ALPHA / 2, 0.001)
+    assert summary.loc["better", "diff_low"] == pytest.approx(ref.low) and ref.low > 0
     assert summary.loc["better", "share_better"] == 1.0 and summary.loc["worse", "share_better"] == 0.0
     assert (summary["metric"] == "test_acc").all()
 
@@ -547,12 +545,11 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
     tags, metrics = parent.data.tags, parent.data.metrics
     assert {k: v for k, v in tags.items() if k.startswith("verdict.")} == {
         f"verdict.{v}": summary.loc[v, "verdict"] for v in ["heads4", "kernel5", "dim96"]}
-    level = 1 - ALPHA / 3
     for variant, seeds in [("heads4", [0, 1, 2]), ("kernel5", [0, 2])]:
         x, base = paired(variant, losses, seeds)
-        ci = sps.ttest_rel(x, base).confidence_interval(level)
+        ref = reference(losses, variant, ALPHA / 3, 0.05, relative=True)
         assert metrics[f"diff.{variant}"] == pytest.approx(np.mean(x - base))
-        assert (metrics[f"diff_low.{variant}"], metrics[f"diff_high.{variant}"]) == pytest.approx((ci.low, ci.high))
+        assert (metrics[f"diff_low.{variant}"], metrics[f"diff_high.{variant}"]) == pytest.approx((ref.low, ref.high))
         assert metrics[f"n_pairs.{variant}"] == len(seeds)
     assert metrics["diff.dim96"] == pytest.approx(0.40 - 0.52) and metrics["n_pairs.dim96"] == 1
     assert "diff_low.dim96" not in metrics  # one pair has no interval: no metric rather than NaN
@@ -570,3 +567,41 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
     other = replace(plan, source="/studies/other.yaml", analysis=AnalysisConfig(alpha=0.01))
     with pytest.raises(ChaeError, match=r"is already used in the MLflow store .*other\.yaml is a different study"):
         report.write_report("e2e", plan=other)
+
+
+def test_plan_spread_from_an_earlier_study_says_the_seeds_each_variant_needs(tmp_path, monkeypatch):
+    """`plan --spread-from`: a variant the earlier study had is judged at its observed difference and
+    spread, a new one at the earlier study's shared spread with no effect; the seeds are the normal
+    approximation at the new study's last-look level (statsmodels' NormalIndPower, one sample),
+    the cost its cells' and the baseline's minutes."""
+    from statsmodels.stats.power import NormalIndPower
+
+    from chae_ablate.plan import seeds_from_earlier
+    from chae_ablate.study import study_from_dict
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(4)
+    losses = {v: {s: 0.5 + shift + rng.normal(0, 0.01) for s in range(6)}
+              for v, shift in [("baseline", 0.0), ("heads4", 0.004), ("kernel5", 0.03)]}
+    _log_study("before", losses, {}, tmp_path)
+    study = study_from_dict({"name": "next", "analysis": {"margin": 0.02, "relative": False},
+                             "variants": {"heads4": {"set": {"model.transformer.heads": 4}},
+                                          "depth3": {"set": {"model.transformer.depth": 3}}}}, {})
+    lines = seeds_from_earlier(study, "before")
+    a = ALPHA / 2  # the new study's two variants, one look
+    ref = reference(losses, "heads4", ALPHA / 2, 0.02)  # the earlier study's own look: m = 2, one look
+    sd = ref.shared_se * math.sqrt(6)  # per-seed spread of a paired difference, shared
+    x, base = paired("heads4", losses, range(6))
+    mean = float(np.mean(x - base))
+    by_effect = NormalIndPower().solve_power(abs(mean) / sd, alpha=a, power=0.8, ratio=0)
+    by_margin = NormalIndPower().solve_power((0.02 - abs(mean)) / sd, alpha=2 * a, power=0.8, ratio=0)
+    want = max(2, math.ceil(min(by_effect, by_margin) - 1e-9))
+    minutes = 2 * 600 / 60  # its cell and the baseline's, 600 s each
+    assert f"  heads4: {want} seeds (its earlier difference {mean:+.4g}, about {want * minutes:.0f} cell-minutes" \
+        in "\n".join(lines)
+    new = NormalIndPower().solve_power(0.02 / sd, alpha=2 * a, power=0.8, ratio=0)
+    assert f"  depth3: {max(2, math.ceil(new - 1e-9))} seeds (new here: no effect assumed" in "\n".join(lines)
+    assert lines[0].startswith("from study 'before'") and f"margin here {0.02:.4g}" in lines[0]
+    with pytest.raises(ChaeError, match="no MLflow experiment named 'nowhere'"):
+        seeds_from_earlier(study, "nowhere")
