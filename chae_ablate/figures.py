@@ -22,8 +22,10 @@ VERDICT_COLOURS = {Verdict.BASELINE: "black", Verdict.BETTER: "tab:green", Verdi
                    Verdict.EQUIVALENT: "tab:blue"}  # undecided, pending: grey
 
 
-def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> Path:
-    """Train and validation loss and accuracy per epoch, best validation epoch marked."""
+def learning_curve(history: list[dict[str, float]], title: str, path: Path,
+                   diverged_epoch: int | None = None) -> Path:
+    """Train and validation loss and accuracy per epoch, the best validation epoch marked, and the
+    epoch whose loss went non-finite when the cell diverged (its history ends before it)."""
     epochs = range(1, len(history) + 1)
     fig = Figure(figsize=(9, 3.5), layout="constrained")
     loss_ax, acc_ax = fig.subplots(1, 2)
@@ -31,12 +33,17 @@ def learning_curve(history: list[dict[str, float]], title: str, path: Path) -> P
                                   ("val", Metric.VAL_LOSS, Metric.VAL_ACC, "-")):
         loss_ax.plot(epochs, [h[loss] for h in history], style, label=key)
         acc_ax.plot(epochs, [h[acc] for h in history], style, label=key)
-    best = min(epochs, key=lambda e: history[e - 1][Metric.VAL_LOSS])
-    loss_ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"best val (epoch {best})")
+    if history:
+        best = min(epochs, key=lambda e: history[e - 1][Metric.VAL_LOSS])
+        loss_ax.axvline(best, color="grey", lw=0.8, ls=":", label=f"best val (epoch {best})")
+    if diverged_epoch is not None:
+        for ax in (loss_ax, acc_ax):
+            ax.axvline(diverged_epoch, color="tab:red", lw=0.8, label=f"diverged (epoch {diverged_epoch})")
+            ax.set_xlim(0.5, diverged_epoch + 0.5)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy", title=f"{title}: loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy")
     for ax in (loss_ax, acc_ax):
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
         ax.legend()
         ax.grid(alpha=0.3)
     return save_png(fig, path, dpi=100)

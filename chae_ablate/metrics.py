@@ -26,6 +26,7 @@ class Metric:
     MFLOPS = "mflops"
     IMAGES_PER_S = "images_per_s"
     WALL_TIME_S = "wall_time_s"
+    DIVERGED_EPOCH = "diverged_epoch"  # the epoch whose loss went non-finite (a result, not a failure)
 
 
 @dataclass(frozen=True)
@@ -53,9 +54,12 @@ class CellResult:
     wall_time_s: float
     history: list[dict[str, float]]  # per epoch: EPOCH_METRICS and images_per_s
     resumed_from: int  # epochs restored from a checkpoint (0 = fresh start)
+    diverged_epoch: int | None = None  # training stopped there (non-finite loss); best_* are of the epochs before
 
     def summary(self) -> dict[str, float]:
-        return {name: float(getattr(self, name)) for name in SUMMARY_METRICS}
+        """The summary metrics by name; diverged_epoch only for a cell that diverged. May hold inf
+        (a cell that diverged at epoch 1 has no finite loss) and NaN (no epoch to time)."""
+        return {name: float(value) for name in SUMMARY_METRICS if (value := getattr(self, name)) is not None}
 
 
 def _named(cls: type, leave: tuple[str, ...] = ()) -> tuple[str, ...]:

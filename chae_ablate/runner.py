@@ -125,8 +125,8 @@ class Worker:
             notify(f"cell {record.variant} seed {record.seed}: failed, {record.failure_reason}")
 
     def run_cell(self, cell: Cell, claim: Claim) -> str:
-        """Train one claimed cell; returns 'done', 'failed: reason' or 'taken over'. Raises
-        TrackingLost when the MLflow store stays away, ChaeError when the ledger is lost."""
+        """Train one claimed cell; returns 'done' (with the epoch it diverged at, if so), 'failed: reason'
+        or 'taken over'. Raises TrackingLost when the MLflow store stays away, ChaeError when the ledger is lost."""
         try:
             summary = self.train(cell, EpochReporter(claim.report, claim.reported_epochs, claim.confirm_held))
             claim.complete(summary)
@@ -136,6 +136,8 @@ class Worker:
         except TakenOver as err:
             notify(f"cell {cell.label}: {err}; stopped here, writing nothing more")
             return "taken over by another worker"
+        if Metric.DIVERGED_EPOCH in summary:
+            return f"{CellState.DONE} (diverged at epoch {summary[Metric.DIVERGED_EPOCH]:.0f})"
         return CellState.DONE
 
     def train(self, cell: Cell, reporter: EpochReporter) -> dict[str, float]:
@@ -159,7 +161,8 @@ class Worker:
                                     checkpoint_dir=checkpoints, tracker=reporter, progress=self.options.bars,
                                     label=cell.label, compile_model=self.options.compile)
             reporter.confirm_held()  # a cell taken over is finished by its new holder alone
-            run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png"))
+            run.log_artifact(learning_curve(result.history, cell.label, checkpoints / "learning_curve.png",
+                                             result.diverged_epoch))
             run.finish(result.summary(), resumed_from=result.resumed_from)
             return result.summary()
         except CellPruned as pruned:

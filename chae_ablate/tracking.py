@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import tempfile
@@ -320,9 +321,10 @@ class CellRun:
         self.client.log_dict(self.run_id, data, name)
 
     def finish(self, summary: dict[str, float], resumed_from: int = 0) -> None:
-        """The summary metrics (step 0), and when the cell resumed after an interruption, from which
-        epoch's checkpoint (tag resumed_from_epoch)."""
-        self._metrics(summary, step=0)
+        """The finite summary metrics (step 0), and when the cell resumed after an interruption, from
+        which epoch's checkpoint (tag resumed_from_epoch). A diverged cell's inf is left out, since
+        MLflow's SQL store would keep it as 1.8e308; its diverged_epoch says what happened."""
+        self._metrics({k: v for k, v in summary.items() if math.isfinite(v)}, step=0)
         if resumed_from:
             self.client.set_tag(self.run_id, "resumed_from_epoch", str(resumed_from))
         self.client.set_terminated(self.run_id, "FINISHED")

@@ -55,7 +55,7 @@ class NullTracker:
 
 
 class CellFailed(ChaeError):
-    """The cell cannot finish (e.g. a non-finite loss); the study goes on."""
+    """The cell cannot finish (e.g. no epoch to train); the study goes on."""
 
 
 class CheckpointWarning(UserWarning):
@@ -121,7 +121,9 @@ def setup_model(config: ModelConfig, num_classes: int, device: torch.device, see
 def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: torch.device,
                checkpoint_dir: Path | None = None, tracker: Tracker | None = None,
                progress: bool = False, label: str = "", compile_model: bool = False) -> CellResult:
-    """Train one cell to the protocol; keep the best-validation checkpoint; test it."""
+    """Train one cell to the protocol; keep the best-validation checkpoint; test it. An epoch whose
+    metrics are non-finite ends training there, as a result (diverged_epoch): the best of the epochs
+    before it is tested, or, when it was the first, the cell scores the worst there is."""
     tracker = tracker or NullTracker()
     p = config.protocol
     num_classes = len(data.classes)
@@ -133,14 +135,15 @@ def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: to
     step_model = torch.compile(model) if compile_model else model
     stream = TrainingStream(DeviceSplit(data.train, device), p.augment, p.batch_size)
     val = DeviceSplit(data.val, device)
-    started = time.perf_counter()
+    started, diverged_epoch = time.perf_counter(), None
     for epoch in range(len(state["history"]) + 1, p.epochs + 1):
         train_loss, train_acc, images_per_s = _train_epoch(
             step_model, optimizer, stream, seed, epoch, autocast, _bar(progress, label, epoch, p.epochs, stream))
         val_loss, val_acc = evaluate(step_model, val, autocast)
         metrics = dataclasses.asdict(EpochMetrics(train_loss, train_acc, val_loss, val_acc))
         if not all(math.isfinite(v) for v in metrics.values()):
-            raise CellFailed(f"non-finite loss at epoch {epoch} (train {train_loss}, val {val_loss})")
+            diverged_epoch = epoch  # neither logged nor checkpointed: the checkpoint keeps the epochs before
+            break
         state["history"].append({**metrics, Metric.IMAGES_PER_S: images_per_s})
         if val_loss < state[Metric.BEST_VAL_LOSS]:
             state.update({Metric.BEST_VAL_LOSS: val_loss, Metric.BEST_EPOCH: epoch, Metric.VAL_ACC_AT_BEST: val_acc,
@@ -150,18 +153,21 @@ def train_cell(*, config: ExperimentConfig, seed: int, data: Dataset, device: to
         tracker.confirm_held()  # a cell another worker took over is its checkpoint no longer ours to write
         _save_checkpoint(checkpoint_dir, model, optimizer, state)
         tracker.log_epoch(epoch, metrics)
-    if state["best_state"] is None:
+    if state["best_state"] is not None:
+        model.load_state_dict(state["best_state"])
+        test_loss, test_acc = evaluate(model, DeviceSplit(data.test, device), autocast)
+    elif diverged_epoch is not None:
+        test_loss, test_acc = math.inf, 0.0  # diverged at epoch 1: the worst, as the fresh best_* are
+    else:
         raise CellFailed("no epoch finished (protocol.epochs is 0?)")
-    model.load_state_dict(state["best_state"])
-    test_loss, test_acc = evaluate(model, DeviceSplit(data.test, device), autocast)
     state[Metric.WALL_TIME_S] += time.perf_counter() - started
     speeds = sorted(h[Metric.IMAGES_PER_S] for h in state["history"])
     return CellResult(
         best_val_loss=state[Metric.BEST_VAL_LOSS], best_epoch=state[Metric.BEST_EPOCH],
         val_acc_at_best=state[Metric.VAL_ACC_AT_BEST], test_loss=test_loss, test_acc=test_acc,
         n_params=count_parameters(model), mflops=forward_flops(config.model, num_classes) / 1e6,
-        images_per_s=speeds[len(speeds) // 2], wall_time_s=state[Metric.WALL_TIME_S],
-        history=state["history"], resumed_from=state["resumed_from"])
+        images_per_s=speeds[len(speeds) // 2] if speeds else math.nan, wall_time_s=state[Metric.WALL_TIME_S],
+        history=state["history"], resumed_from=state["resumed_from"], diverged_epoch=diverged_epoch)
 
 
 def _bar(enabled: bool, label: str, epoch: int, epochs: int, stream: TrainingStream):
