@@ -54,7 +54,7 @@ def _colour(verdict: str) -> str:
 
 
 def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
-    """Paired differences from the baseline with their simultaneous intervals, the ±margin band
+    """Paired differences from the baseline with the intervals their verdicts were read from, the ±margin band
     and zero line; colour = verdict. Left of zero is better for a loss, right for an accuracy."""
     rows = summary[summary["variant"] != BASELINE]
     fig = Figure(figsize=(8, 1.8 + 0.42 * max(1, len(rows))), layout="constrained")
@@ -76,7 +76,9 @@ def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
     ax.invert_yaxis()
     metric = summary["metric"].iloc[0]
     ax.set_xlabel(f"{metric}: variant − baseline (same seed)")
-    ax.set_title(f"Paired differences, {100 * level.iloc[0]:.2f}% simultaneous intervals" if len(level)
+    levels = ", ".join(f"{100 * x:.2f}%" for x in sorted(set(level), reverse=True))
+    ax.set_title(f"Paired differences, intervals at {levels}" + (" (by the look that decided)" if level.nunique() > 1
+                                                                   else "") if len(level)
                  else "Paired differences (no interval: fewer than 2 paired seeds)")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
     return fig

@@ -105,6 +105,35 @@ def test_sigterm_is_taken_as_slurms_preemption_signal_once():
         signal.signal(signal.SIGTERM, saved[1])
 
 
+def test_status_says_what_an_undecided_variant_needs_and_which_cell_diverged(workdir):
+    """After the look: the seeds an undecided variant would likely need (one variant: the paired
+    t's spread; statsmodels' one-sample normal power at alpha 0.05, the margin 5% of the
+    baseline's mean), and a cell that diverged at its first epoch shown as such, not as 'inf'."""
+    import math
+
+    from statsmodels.stats.power import NormalIndPower
+
+    from chae_ablate.ledger import Ledger
+    from chae_ablate.study import load_study
+    plan = load_study(TINY).plan()
+    ledger = Ledger("synthetic-tiny", f"sqlite:///{(workdir / 'runs' / 'optuna.db').resolve()}")
+    ledger.queue(plan.cells)
+    values = {("baseline", 0): 0.50, ("baseline", 1): 0.52, ("depth2", 0): 0.53, ("depth2", 1): math.inf}
+    for cell in plan.cells:
+        metrics = {"best_val_loss": values[cell.variant, cell.seed], "test_acc": 0.7, "wall_time_s": 60.0}
+        if math.isinf(metrics["best_val_loss"]):
+            metrics["diverged_epoch"] = 1
+        ledger.claim({cell.cell_hash}).complete(metrics)
+    result = cli.invoke(app, ["status", str(TINY)])
+    assert result.exit_code == 0, result.output
+    assert any(line.split()[:5] == ["depth2", "1", "done", "diverged", "(epoch"] for line in result.output.splitlines())
+    d = [0.53 - 0.50, 0.53 - 0.52]  # the diverged cell counts as the worst value of the look: 0.53
+    sd, mean, margin = abs(d[0] - d[1]) / math.sqrt(2), sum(d) / 2, 0.05 * 0.51
+    need = min(NormalIndPower().solve_power(mean / sd, alpha=0.05, power=0.8, ratio=0),
+               NormalIndPower().solve_power((margin - mean) / sd, alpha=0.1, power=0.8, ratio=0))
+    assert f"undecided: depth2 likely needs {max(3, math.ceil(need))} seeds (has 2, about" in result.output
+
+
 def test_status_lists_cells_and_who_holds_the_running_one(workdir):
     result = cli.invoke(app, ["status", str(TINY)])
     assert result.exit_code == 1 and "not in the ledger" in result.output

@@ -71,9 +71,14 @@ def test_paper11_has_the_papers_protocol_and_11_variants():
 def test_derived_studies_inherit_paper11s_variants_and_keep_their_cells():
     paper11 = [v.name for v in load_study(STUDIES / "paper11.yaml").variants]
     quickstart = load_study(STUDIES / "quickstart.yaml")
-    assert [v.name for v in quickstart.variants] == [n for n in paper11 if n != "res384"] + ["res48"]
+    assert [v.name for v in quickstart.variants] == [n for n in paper11 if n != "res384"] + ["res48", "lr_too_small"]
     assert quickstart.name == "quickstart" and quickstart.baseline.config.data.root is None
-    assert {c.label: c.cell_hash for c in quickstart.cells()} == QUICKSTART_HASHES
+    cells = {c.label: c.cell_hash for c in quickstart.cells()}
+    assert {k: v for k, v in cells.items() if not k.startswith("lr_too_small/")} == QUICKSTART_HASHES
+    control = {c.label: c.cell_hash for c in load_study(STUDIES / "digits-control.yaml",
+                                                        {"model.resolution": 32}).cells()}
+    assert {k: v for k, v in cells.items() if k.startswith("lr_too_small/")} == \
+        {k: v for k, v in control.items() if k.startswith("lr_too_small/") and k in cells}  # digits-control's, at 32 px
     full = [v.name for v in load_study(STUDIES / "paper11-full.yaml").variants]
     assert full[:len(paper11)] == paper11 and len(full) == 25
     for name, (n, digest) in OLD_HASH_SETS.items():
