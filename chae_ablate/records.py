@@ -81,4 +81,4 @@ class Verdict(StrEnum):
 
 
 DECISIONS = (Verdict.UNDECIDED, Verdict.BETTER, Verdict.WORSE, Verdict.EQUIVALENT)  # what a look can decide;
-# a verdict's index here is its code in stats.simulate's arrays
+# a verdict's index here is its code in benchmarks/power.py's arrays

@@ -5,15 +5,19 @@ against scipy and statsmodels in a test. Seeds are the unit of replication: a va
 are its cells' metric (by default the lowest validation loss), one per seed, and differences are
 paired by seed (the same seed fixes the initialisation and data-order noise they share).
 
-The decisive verdicts (decide, looks, simulate; METHOD says it in words) replace
-"no significant difference" with better / worse / equivalent / undecided against a declared margin,
-valid for the whole study across adaptive rounds of seeds. References: Dunn (1961) Multiple
-comparisons among means, JASA 56:52-64; Jennison & Turnbull (1989) Interim analyses: the repeated
-confidence interval approach, JRSS B 51:305-361; Schuirmann (1987) A comparison of the two
-one-sided tests procedure..., J Pharmacokin Biopharm 15:657-680; Holm (1979) Scand J Stat
-6:65-70; Cohen (1988) Statistical Power Analysis for the Behavioral Sciences, ch. 2; Efron &
-Tibshirani (1993) An Introduction to the Bootstrap, ch. 13; Bouthillier et al. (2021) Accounting
-for variance in machine learning benchmarks, MLSys.
+The decisive verdicts (decide, looks, spending, seeds_needed, futile; METHOD says it in words;
+benchmarks/power.py measures it) replace "no significant difference" with better / worse /
+equivalent / undecided against a declared margin, valid for the whole study across adaptive rounds
+of seeds. References: Dunn (1961) Multiple comparisons among means, JASA 56:52-64; Dunnett (1955)
+A multiple comparison procedure for comparing several treatments with a control, JASA 50:1096-1121;
+Lan & DeMets (1983) Discrete sequential boundaries for clinical trials, Biometrika 70:659-663;
+Jennison & Turnbull (1989) Interim analyses: the repeated confidence interval approach, JRSS B
+51:305-361; Schuirmann (1987) A comparison of the two one-sided tests procedure..., J Pharmacokin
+Biopharm 15:657-680; Hauschke, Kieser & Hothorn (1999) Proof of safety in toxicology based on the
+ratio of two means for normally distributed data, Biometrical J 41:295-304; Cohen (1988)
+Statistical Power Analysis for the Behavioral Sciences, ch. 2; Efron & Tibshirani (1993) An
+Introduction to the Bootstrap, ch. 13; Bouthillier et al. (2021) Accounting for variance in
+machine learning benchmarks, MLSys.
 """
 from __future__ import annotations
 
