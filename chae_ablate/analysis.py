@@ -167,12 +167,19 @@ def analyse(values: Mapping[str, Mapping[int, float]], settled, variants: Sequen
             decisions[v], taken[v] = looked[v], k + 1
         active = [v for v in active if looked[v].verdict == Verdict.UNDECIDED]
         if analysis.adaptive and 0 < k < len(looks) - 1:  # futility: not on 3 seeds' word, nor at the end
-            a_last = stats.look_level(analysis.alpha, len(others), looks, len(looks) - 1)
+            a_last = last_look_level(analysis, len(others))
             stopped += [v for v in active if stats.futile(looked[v], a_last, looks[-1])]
             active = [v for v in active if v not in stopped]
         if not active:
             break
     return standing(complete=True)
+
+
+def last_look_level(analysis: AnalysisConfig, n_variants: int) -> float:
+    """a_K, the error each of the study's n_variants may spend at its last look: what more seeds are
+    judged against (a fixed design's one look spends all of alpha, whatever its seeds)."""
+    plan = planned_looks(analysis, 2)
+    return stats.look_level(analysis.alpha, max(n_variants, 1), plan, len(plan) - 1)
 
 
 @dataclass(frozen=True)
@@ -195,15 +202,13 @@ def seeds_needs(standing: Outcome, analysis: AnalysisConfig, minutes: Mapping[st
     """For each undecided variant: the seeds it would likely need at its observed difference and
     spread, tested at the last look's level, and what they cost at each variant's mean minutes per
     cell (minutes: variant -> minutes; the baseline's extra seeds are counted too)."""
-    m = len(standing.looks_taken)
-    plan = planned_looks(analysis, 2)  # one look for a fixed design, whatever its seeds: all of alpha
-    a = stats.look_level(analysis.alpha, max(m, 1), plan, len(plan) - 1)
+    a = last_look_level(analysis, len(standing.looks_taken))
     base_n = len(standing.seeds.get(BASELINE, ()))
     out = []
     for variant, d in standing.decisions.items():
         if d.verdict != Verdict.UNDECIDED or d.n < 2:  # one seed tells no spread
             continue
-        needed = stats.seeds_needed(d.mean, d.se * math.sqrt(d.n), d.margin, a, at_least=d.n + 1)
+        needed = stats.seeds_needed(d.mean, d.spread, d.margin, a, at_least=d.n + 1)
         cost = (math.nan if needed is None else
                 (needed - d.n) * minutes.get(variant, math.nan) + max(0, needed - base_n) * minutes.get(BASELINE, math.nan))
         out.append(SeedsNeed(variant, d.n, needed, cost))

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from . import stats, tracking
-from .analysis import minutes_per_cell, outcome, planned_looks
+from .analysis import last_look_level, minutes_per_cell, outcome
 from .config import DataConfig, ModelConfig
 from .errors import ChaeError
 from .model import forward_flops, parameter_count
@@ -84,20 +84,19 @@ def seeds_from_earlier(study: Study, earlier: str) -> list[str]:
         raise ChaeError(f"study '{earlier}' decided on {runs.plan.analysis.metric}, this one on {analysis.metric}; "
                         f"set analysis.metric alike to compare spreads")
     standing = outcome(runs.plan, runs.records)
-    spreads = [d.se * math.sqrt(d.n) for d in standing.decisions.values() if d.variance == "shared" and d.n >= 2]
+    spreads = [d.spread for d in standing.decisions.values() if d.variance == "shared" and d.n >= 2]
     shared_sd = spreads[0] if spreads else math.nan
     base = [standing.value(c, analysis.metric) for c in standing.needed if c.variant == BASELINE]
     margin = stats.absolute_margin(analysis.margin, analysis.relative, [v for v in base if math.isfinite(v)])
     others = [v for v in study.variants if v.name != BASELINE]
-    a = stats.look_level(analysis.alpha, max(len(others), 1), planned_looks(analysis, len(study.seeds(study.baseline))),
-                         -1)
+    a = last_look_level(analysis, len(others))
     minutes = minutes_per_cell(runs.records)
     typical = float(np.mean(list(minutes.values()))) if minutes else math.nan
     lines = [f"from study '{earlier}' ({len(standing.decisions)} variants decided or measured; shared spread of a "
              f"paired difference {shared_sd:.4g}; margin here {margin:.4g}; each test at level {a:.2g}):"]
     for v in others:
         d = standing.decisions.get(v.name)
-        mean, sd, why = ((d.mean, d.se * math.sqrt(d.n), f"its earlier difference {d.mean:+.4g}") if d and d.n >= 2
+        mean, sd, why = ((d.mean, d.spread, f"its earlier difference {d.mean:+.4g}") if d and d.n >= 2
                          else (0.0, shared_sd, "new here: no effect assumed"))
         n = stats.seeds_needed(mean, sd, margin, a)
         per_cell = minutes.get(v.name, typical)

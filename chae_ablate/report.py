@@ -38,7 +38,8 @@ RESOLUTION = "model.resolution"  # the plan's setting shown beside each variant'
 def cell_table(plan: Plan, standing: Outcome) -> pd.DataFrame:
     """One row per cell the study needs, in plan order (baseline first): its record, metrics and
     the architecture's resolution. `in_stats` marks the cells the statistics use (done, with a
-    value of the metric; a diverged one's counts as the worst, stats.with_divergence); `diff_vs_baseline` is the cell's metric minus the baseline's on the same seed."""
+    value of the metric; a diverged one's counts as the worst, stats.with_divergence);
+    `diff_vs_baseline` is the cell's metric minus the baseline's on the same seed."""
     metric = plan.analysis.metric
     rows = []
     for cell in standing.needed:

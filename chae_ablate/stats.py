@@ -256,6 +256,11 @@ class Decision:
     diverged: int = 0  # the variant's diverged cells among its paired seeds (counted as its worst)
 
     @property
+    def spread(self) -> float:
+        """Per-seed standard deviation of the paired difference the verdict used (shared or own)."""
+        return self.se * math.sqrt(self.n)
+
+    @property
     def label(self) -> str:
         """The verdict as the report words it, e.g. 'better (less than the margin)'."""
         if self.verdict in (Verdict.BETTER, Verdict.WORSE) and self.within_margin:
@@ -426,6 +431,5 @@ def futile(decision: Decision, a_last: float, max_seeds: int) -> bool:
     undecided (a non-binding futility stop; it makes no verdict, so the error bound is untouched)."""
     if decision.verdict != Verdict.UNDECIDED or decision.n < 2 or not np.isfinite(decision.se):
         return False
-    sd = decision.se * math.sqrt(decision.n)
-    return seeds_needed(decision.mean, sd, decision.margin, a_last, at_least=decision.n + 1,
+    return seeds_needed(decision.mean, decision.spread, decision.margin, a_last, at_least=decision.n + 1,
                         most=int(FUTILITY * max_seeds)) is None
