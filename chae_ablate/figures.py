@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 from matplotlib.ticker import MaxNLocator
 
 from . import stats
@@ -84,36 +86,125 @@ def fig_forest(summary: pd.DataFrame, margin: float) -> Figure:
     return fig
 
 
-def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
-    """Validation loss per epoch, mean over seeds with a ±1 sd band (the seed spread; a t-interval
-    of two seeds would cover the plot); baseline in black."""
-    fig = Figure(figsize=(9, 5.5), layout="constrained")
-    ax = fig.subplots()
+CURVE_COLUMNS = 4  # panels per row of the curves figure
+VARIANT_COLOUR = "tab:orange"  # every panel's variant curve (the baseline's is black; the verdict colours the title)
+OFF_SCALE = 3.0  # a curve rising more than this many times as far as the typical one is left off the shared y-axis
+
+
+def _curves(table: pd.DataFrame, epochs: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """Validation loss per epoch of each variant's cells in the statistics: mean, sd and count of seeds
+    by epoch (a diverged seed's history ends early). Grouped by the plan's names, not the runs' tags."""
+    if epochs.empty:
+        return {}
     counted = table[table["in_stats"]]
-    variant_of = dict(zip(counted["run_id"], counted["variant"]))  # the plan's names, not the runs' tags
-    ep = epochs[epochs["run_id"].isin(variant_of)] if not epochs.empty else epochs
+    variant_of = dict(zip(counted["run_id"], counted["variant"]))
+    ep = epochs[epochs["run_id"].isin(variant_of)]
     ep = ep.assign(variant=ep["run_id"].map(variant_of))
-    palette = iter(sns.color_palette("husl", max(1, len(summary))))
-    for r in summary.itertuples():
-        is_base = r.variant == BASELINE
-        colour = "black" if is_base else next(palette)
-        g = ep[ep["variant"] == r.variant] if not ep.empty else ep
-        if g.empty:
+    return {v: g.groupby("epoch")[Metric.VAL_LOSS].agg(["mean", "std", "count"])
+            for v, g in ep.groupby("variant", sort=False)}
+
+
+def _shared_ylim(curves: dict[str, pd.DataFrame]) -> tuple[tuple[float, float], set[str]]:
+    """y-limits that resolve the typical curves, and the curves left (partly) above them: a curve
+    whose top (mean + sd) rises more than OFF_SCALE times as far above the lowest mean as the
+    typical curve's (the lower median, so with two curves the lower one sets the scale)."""
+    means = {v: c["mean"][np.isfinite(c["mean"])] for v, c in curves.items()}
+    floor = min(m.min() for m in means.values() if len(m))
+    top = {v: np.nanmax(c["mean"] + c["std"].fillna(0)) for v, c in curves.items() if len(means[v])}
+    rises = sorted(t - floor for t in top.values())
+    typical = rises[(len(rises) - 1) // 2]
+    off = {v for v, t in top.items() if typical > 0 and t - floor > OFF_SCALE * typical}
+    kept = [v for v in top if v not in off]
+    low = min(np.nanmin(curves[v]["mean"] - curves[v]["std"].fillna(0)) for v in kept)
+    low = max(low, 0.0) if floor >= 0 else low  # a loss's band stops at 0
+    high = max(top[v] for v in kept)
+    pad = 0.04 * (high - low) or 0.05 * abs(high) or 0.05
+    return (low - pad, high + pad), off
+
+
+def _draw_curve(ax, curve: pd.DataFrame, colour: str, label: str, z: int) -> None:
+    ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"], color=colour,
+                    alpha=0.15, lw=0, zorder=z - 1)
+    ax.plot(curve.index, curve["mean"], color=colour, lw=1.8, label=label, zorder=z)
+
+
+def _panel_notes(variant: str, drawn: dict[str, pd.DataFrame | None], off: set[str], top: float) -> list[str]:
+    """What a panel's curves hide: a curve above the shared axis, a mean that loses seeds (their
+    histories ended: diverged), a variant with no seeds yet. The panel's own variant goes unnamed."""
+    notes = []
+    for name, curve in drawn.items():
+        who = "" if name == variant else f"{name}: "
+        if curve is None:
+            notes.append(f"{who}no finished seeds")
             continue
-        curve = g.groupby("epoch")[Metric.VAL_LOSS].agg(["mean", "std"])
-        ax.plot(curve.index, curve["mean"], color=colour, lw=2.6 if is_base else 1.3,
-                zorder=3 if is_base else 2, label=f"{r.variant} (n={r.n})")
-        if r.n >= 2:
-            ax.fill_between(curve.index, curve["mean"] - curve["std"], curve["mean"] + curve["std"],
-                            color=colour, alpha=0.1, lw=0)
-    if ep.empty:
+        if name in off:
+            peak = curve["mean"].max()
+            notes.append(f"↑ {who}off scale, mean peaks at {peak:.3g}" if peak > top else
+                         f"↑ {who}off scale, ±1 sd reaches {np.nanmax(curve['mean'] + curve['std']):.3g}")
+        fewer = curve.index[curve["count"] < curve["count"].max()]
+        if len(fewer):
+            notes.append(f"{who}from epoch {fewer[0]}: mean of fewer seeds")
+    return notes
+
+
+def fig_curves(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame) -> Figure:
+    """Validation loss per epoch as small multiples: one panel per variant (the baseline alone when it
+    is the only one), its mean over seeds beside the baseline's in every panel, each with a ±1 sd band
+    (the seed spread; a t-interval of two seeds would cover the plot). The title names the variant, its
+    seeds and its verdict, in the verdict's colour; panels share both axes, up to CURVE_COLUMNS a row.
+
+    The shared y-axis is linear and clipped to the typical curves (_shared_ylim): a variant that
+    diverges or barely learns (a loss 10x the others') is noted in its panel as off scale instead of
+    flattening every other curve. A log scale was the alternative; it keeps every curve in view but
+    compresses the small differences between the normal curves, which are what this figure is read for.
+    """
+    curves = _curves(table, epochs)
+    if not curves:
+        fig = Figure(figsize=(9, 4), layout="constrained")
+        ax = fig.subplots()
         ax.text(0.5, 0.5, "no per-epoch metrics logged", ha="center", va="center", transform=ax.transAxes)
-    else:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("validation loss")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Validation loss per epoch (mean over seeds, band = ±1 sd)")
+        ax.set(xlabel="epoch", ylabel="validation loss", title="Validation loss per epoch")
+        return fig
+    panels = [r for r in summary.itertuples() if r.variant != BASELINE] or list(summary.itertuples())
+    ncols = min(CURVE_COLUMNS, len(panels))
+    nrows = -(-len(panels) // ncols)
+    fig = Figure(figsize=(max(7.0, 3.1 * ncols + 0.6), 1.3 + 2.4 * nrows), layout="constrained")
+    axs = fig.subplots(nrows, ncols, sharex=True, sharey=True, squeeze=False)
+    (low, high), off = _shared_ylim(curves)
+    base = curves.get(BASELINE)
+    for i, ax in enumerate(axs.flat):
+        if i >= len(panels):
+            ax.set_visible(False)
+            axs.flat[i - ncols].tick_params(labelbottom=True)  # the column's lowest panel shows the epochs
+            axs.flat[i - ncols].set_xlabel("epoch")
+            continue
+        r = panels[i]
+        curve = curves.get(r.variant)
+        if base is not None:
+            _draw_curve(ax, base, "black", BASELINE, z=2)
+        if curve is not None and r.variant != BASELINE:
+            _draw_curve(ax, curve, VARIANT_COLOUR, r.variant, z=4)
+        n = int(curve["count"].max()) if curve is not None else 0
+        verdict = "" if r.variant == BASELINE else f": {r.verdict_code}"
+        ax.set_title(f"{r.variant} (n={n}){verdict}", color=_colour(r.verdict_code), fontsize=9.5,
+                     fontweight="bold" if verdict else "normal")
+        notes = _panel_notes(r.variant, {BASELINE: base, r.variant: curve}, off, high)
+        if notes:
+            ax.text(0.97, 0.95, "\n".join(notes), transform=ax.transAxes, ha="right", va="top", fontsize=7.5,
+                    bbox=dict(boxstyle="round,pad=0.25", fc="white", ec="0.7", alpha=0.9), zorder=6)
+        ax.grid(alpha=0.3)
+        if i >= len(axs.flat) - ncols:
+            ax.set_xlabel("epoch")
+    axs.flat[0].set_ylim(low, high)
+    axs.flat[0].xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    handles = [Line2D([], [], color="black", lw=1.8, label=BASELINE)] if base is not None else []
+    if any(r.variant != BASELINE for r in panels):
+        handles.append(Line2D([], [], color=VARIANT_COLOUR, lw=1.8, label="variant"))
+    handles.append(Patch(color="0.5", alpha=0.3, label="±1 sd over seeds"))
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles), frameon=False, fontsize=9)
+    fig.suptitle("Validation loss per epoch, mean over seeds" if len(handles) < 3 else
+                 "Validation loss per epoch: variant vs baseline, mean over seeds", fontsize=11)
+    fig.supylabel("validation loss", fontsize=10)
     return fig
 
 
@@ -140,20 +231,29 @@ def fig_cost(summary: pd.DataFrame) -> Figure:
     return fig
 
 
+def report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame,
+                   margin: float) -> list[tuple[str, Figure, str]]:
+    """The report's three figures: (name, figure, caption) each (the report saves them, the API
+    returns them)."""
+    with sns.axes_style("whitegrid"):
+        return [("differences", fig_forest(summary, margin),
+                 "Difference from the baseline per variant with the interval its verdict was read from; "
+                 "shaded: ±margin. Colour: verdict."),
+                ("val_loss_curves", fig_curves(summary, table, epochs),
+                    "Validation loss per epoch, one panel per variant (orange) beside the baseline (black): "
+                    "mean over seeds ± 1 sd, shared axes; title colour: verdict. A curve far above the "
+                    "others is marked off scale in its panel rather than squashing the rest."),
+                ("params_vs_metric", fig_cost(summary),
+                 "Model size and compute against the study's metric; dashed line = baseline.")]
+
+
 def write_report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFrame,
                          out_dir: Path, margin: float) -> list[tuple[str, str]]:
-    """The report's three figures under out_dir/figures; returns (relative path, caption) pairs."""
-    with sns.axes_style("whitegrid"):
-        figures = [("differences.png", fig_forest(summary, margin),
-                    "Difference from the baseline per variant with the interval its verdict was read from; "
-                    "shaded: ±margin. Colour: verdict."),
-                   ("val_loss_curves.png", fig_curves(summary, table, epochs),
-                    "Validation loss per epoch, mean over seeds ± 1 sd; baseline in black."),
-                   ("params_vs_metric.png", fig_cost(summary),
-                    "Model size and compute against the study's metric; dashed line = baseline.")]
+    """The report's figures as PNGs under out_dir/figures; returns (relative path, caption) pairs."""
+    figures = report_figures(summary, table, epochs, margin)
     for name, fig, _ in figures:
-        save_png(fig, out_dir / "figures" / name)
-    return [(f"figures/{name}", caption) for name, _, caption in figures]
+        save_png(fig, out_dir / "figures" / f"{name}.png")
+    return [(f"figures/{name}.png", caption) for name, _, caption in figures]
 
 
 def save_png(fig: Figure, path: Path, dpi: int = DPI) -> Path:
