@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import sys
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from .config import DataConfig, ModelConfig
 from .errors import ChaeError
 from .model import forward_flops, parameter_count
 from .records import BASELINE
+from .render import json_rows
 from .sources import SOURCES
 from .study import Study, changed_paths
 
@@ -34,8 +36,32 @@ def model_cost(model: ModelConfig, num_classes: int) -> tuple[int, float]:
     return parameter_count(model, num_classes), forward_flops(model, num_classes) / 1e6
 
 
-def plan_table(study: Study) -> tuple[pd.DataFrame, str]:
-    """One row per variant (params, MFLOPs, tokens) and a footer line with the cell count."""
+@dataclass(frozen=True)
+class StudyPlan:
+    """What a study will train, before anything is trained (`plan`, `plan --json`, the API)."""
+
+    study: str
+    table: pd.DataFrame  # one row per variant: variant, changes, resolution, tokens, params, mflops, seeds
+    cells: tuple[int, int]  # cells it will train: fewest and most (equal unless seeds are adaptive)
+    epochs: int
+    classes: int
+    classes_from: str  # where the class count comes from
+
+    @property
+    def footer(self) -> str:
+        fewest, most = self.cells
+        count = f"{fewest} cells" if fewest == most else f"{fewest} to {most} cells (adaptive seeds)"
+        return (f"{len(self.table)} variants x seeds = {count}, {self.epochs} epochs each; "
+                f"classes: {self.classes} ({self.classes_from})")
+
+    def to_json(self) -> dict:
+        return {"study": self.study, "variants": json_rows(self.table), "cells_min": self.cells[0],
+                "cells_max": self.cells[1], "epochs": self.epochs, "classes": self.classes,
+                "classes_from": self.classes_from}
+
+
+def study_plan(study: Study) -> StudyPlan:
+    """Every variant's shape and cost (params, MFLOPs per image, tokens) and the cells to train."""
     num_classes, origin = expected_classes(study.baseline.config.data)
     costs: dict[ModelConfig, tuple[int, float]] = {}  # variants that change only data or protocol share one
     rows = []
@@ -45,33 +71,51 @@ def plan_table(study: Study) -> tuple[pd.DataFrame, str]:
         m = v.config.model
         if m not in costs:
             costs[m] = model_cost(m, num_classes)
-        rows.append({
-            "variant": v.name,
-            "changes": changed_paths(v),
-            "resolution": m.resolution,
-            "tokens": m.tokens,
-            "params": costs[m][0],
-            "MFLOPs/img": costs[m][1],
-            "seeds": len(study.seeds(v)),
-        })
+        rows.append({"variant": v.name, "changes": changed_paths(v), "resolution": m.resolution, "tokens": m.tokens,
+                     "params": costs[m][0], "mflops": costs[m][1], "seeds": len(study.seeds(v))})
     table = pd.DataFrame(rows)
     a = study.analysis
     if a.adaptive:
         table["seeds"] = f"{a.min_seeds}-{a.max_seeds}"
-        count = f"{a.min_seeds * len(rows)} to {a.max_seeds * len(rows)} cells (adaptive seeds)"
+        cells = (a.min_seeds * len(rows), a.max_seeds * len(rows))
     else:
-        count = f"{int(table['seeds'].sum())} cells"
-    footer = (f"{len(rows)} variants x seeds = {count}, {study.baseline.config.protocol.epochs} epochs each; "
-              f"classes: {num_classes} ({origin})")
-    return table, footer
+        cells = (int(table["seeds"].sum()),) * 2
+    return StudyPlan(study.name, table, cells, study.baseline.config.protocol.epochs, num_classes, origin)
 
 
 def format_plan(table: pd.DataFrame) -> str:
-    return table.to_string(index=False, formatters={
+    return table.rename(columns={"mflops": "MFLOPs/img"}).to_string(index=False, formatters={
         "params": "{:,}".format, "MFLOPs/img": "{:,.1f}".format})
 
 
-def seeds_from_earlier(study: Study, earlier: str) -> list[str]:
+@dataclass(frozen=True)
+class SeedsFrom:
+    """Seeds each variant of a study would likely need, judged from an earlier study (`--spread-from`)."""
+
+    earlier: str
+    shared_sd: float  # the earlier study's shared spread of a paired difference
+    margin: float  # this study's, in the metric's units
+    level: float  # each test's level at this study's last look
+    rows: pd.DataFrame  # variant, seeds_needed (NaN: more than 100), basis, cell_minutes
+    decided: int  # variants of the earlier study with a look taken
+
+    def lines(self) -> list[str]:
+        out = [f"from study '{self.earlier}' ({self.decided} variants decided or measured; shared spread of a "
+               f"paired difference {self.shared_sd:.4g}; margin here {self.margin:.4g}; each test at level "
+               f"{self.level:.2g}):"]
+        for r in self.rows.itertuples():
+            cost = (f", about {r.cell_minutes:.0f} cell-minutes with the baseline's"
+                    if math.isfinite(r.cell_minutes) else "")
+            seeds = f"{r.seeds_needed:.0f} seeds" if math.isfinite(r.seeds_needed) else "more than 100 seeds"
+            out.append(f"  {r.variant}: {seeds} ({r.basis}{cost})")
+        return out
+
+    def to_json(self) -> dict:
+        return {"earlier": self.earlier, "shared_sd": self.shared_sd, "margin": self.margin, "level": self.level,
+                "variants": json_rows(self.rows)}
+
+
+def seeds_from_earlier(study: Study, earlier: str) -> SeedsFrom:
     """How many seeds each of the study's variants would likely need for a verdict, judged from an
     earlier study's results in MLflow (`plan --spread-from`): a variant the earlier study has is
     taken at its observed difference and spread; a new one at the earlier study's shared spread
@@ -92,15 +136,14 @@ def seeds_from_earlier(study: Study, earlier: str) -> list[str]:
     a = last_look_level(analysis, len(others))
     minutes = minutes_per_cell(runs.records)
     typical = float(np.mean(list(minutes.values()))) if minutes else math.nan
-    lines = [f"from study '{earlier}' ({len(standing.decisions)} variants decided or measured; shared spread of a "
-             f"paired difference {shared_sd:.4g}; margin here {margin:.4g}; each test at level {a:.2g}):"]
+    rows = []
     for v in others:
         d = standing.decisions.get(v.name)
         mean, sd, why = ((d.mean, d.spread, f"its earlier difference {d.mean:+.4g}") if d and d.n >= 2
                          else (0.0, shared_sd, "new here: no effect assumed"))
         n = stats.seeds_needed(mean, sd, margin, a)
-        per_cell = minutes.get(v.name, typical)
-        cost = f", about {n * (per_cell + minutes.get(BASELINE, typical)):.0f} cell-minutes with the baseline's" \
-            if n and math.isfinite(per_cell) else ""
-        lines.append(f"  {v.name}: {f'{n} seeds' if n else 'more than 100 seeds'} ({why}{cost})")
-    return lines
+        cost = n * (minutes.get(v.name, typical) + minutes.get(BASELINE, typical)) if n else math.nan
+        rows.append({"variant": v.name, "seeds_needed": n or math.nan, "basis": why, "cell_minutes": cost})
+    return SeedsFrom(earlier, shared_sd, margin, a,
+                     pd.DataFrame(rows, columns=["variant", "seeds_needed", "basis", "cell_minutes"]),
+                     len(standing.decisions))

@@ -1,4 +1,5 @@
-"""Rendering a report, given as a list of blocks, to Markdown and to self-contained HTML.
+"""Rendering a report, given as a list of blocks, to Markdown and to self-contained HTML; tables
+as JSON rows (the commands' --json).
 
 A block is ("h1"|"h2"|"p", text), ("table", DataFrame), ("img", path relative to the report,
 caption) or ("list", items). `code` spans in text become <code> in HTML.
@@ -7,12 +8,23 @@ from __future__ import annotations
 
 import base64
 import html
+import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 Block = tuple
+
+
+def json_rows(table: pd.DataFrame) -> list[dict]:
+    """A table as rows for json.dumps: numpy scalars as Python numbers, NaN and infinities as null
+    (strict JSON has neither), so any JSON reader parses them."""
+    def plain(value):
+        value = value.item() if isinstance(value, np.generic) else value
+        return None if isinstance(value, float) and not math.isfinite(value) else value
+    return [{str(k): plain(v) for k, v in row.items()} for row in table.to_dict(orient="records")]
 
 
 def _md_table(df: pd.DataFrame) -> str:

@@ -2,7 +2,8 @@
 
 Turns a study's plan and its cell records (tracking.load_study_runs) into reports/<study>/:
 report.md, a self-contained report.html, results.csv (one row per needed cell), summary.csv (per
-variant: verdict, intervals, seeds, cost) and figures/*.png, each written atomically (SLURM tasks
+variant: verdict, intervals, seeds, cost), the same two as Parquet where pyarrow is installed, and
+figures/*.png, each written atomically (SLURM tasks
 rewrite a report concurrently). Records join the plan on the cell hash alone (analysis.outcome):
 cells of an earlier version of the study are listed in their own section, never counted. The
 verdicts are the same analysis.outcome the runner used to decide how many seeds each variant got.
@@ -10,8 +11,10 @@ Every number is shown with its n; cells that failed or never ran are listed, nev
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,20 +27,21 @@ from .analysis import Outcome, Plan, outcome, planned_looks, seeds_needs
 from .config import AnalysisConfig
 from .errors import ChaeError
 from .figures import write_report_figures
-from .files import atomic_write_text, inside
+from .files import atomic_write, atomic_write_text, inside
 from .metrics import LOWER_IS_BETTER, SUMMARY_METRICS, Metric
 from .records import BASELINE, CellRecord, CellState, Verdict
 from .render import Block, render_html, render_markdown
 from .versions import Version
 
 REPORT_FILES = ("report.md", "report.html", "results.csv", "summary.csv")
+PARQUET_FILES = ("results.parquet", "summary.parquet")  # written where pyarrow is installed
 PAPER_EPOCHS = 20  # the paper's claim is about 20-epoch training
 RESOLUTION = "model.resolution"  # the plan's setting shown beside each variant's cost
 
 
 def cell_table(plan: Plan, standing: Outcome) -> pd.DataFrame:
-    """One row per cell the study needs, in plan order (baseline first): its record, metrics and
-    the architecture's resolution. `in_stats` marks the cells the statistics use (done, with a
+    """One row per cell the study needs, in plan order (baseline first): its record (`state`, the
+    CellState; `status`, the same in words with a divergence), metrics and the architecture's resolution. `in_stats` marks the cells the statistics use (done, with a
     value of the metric; a diverged one's counts as the worst, stats.with_divergence);
     `diff_vs_baseline` is the cell's metric minus the baseline's on the same seed."""
     metric = plan.analysis.metric
@@ -45,12 +49,12 @@ def cell_table(plan: Plan, standing: Outcome) -> pd.DataFrame:
     for cell in standing.needed:
         r = standing.records[cell.cell_hash]
         rows.append({"variant": cell.variant, "seed": cell.seed, "cell_hash": cell.cell_hash,
-                     "description": cell.description, "status": _status(r), "run_id": r.run_id,
+                     "description": cell.description, "state": str(r.state), "status": _status(r), "run_id": r.run_id,
                      "failure_reason": r.failure_reason,
                      **{m: float(r.metrics.get(m, math.nan)) for m in SUMMARY_METRICS},
                      "resolution": float(plan.settings.get(cell.variant, {}).get(RESOLUTION, math.nan)),
                      "in_stats": not math.isnan(standing.value(cell, metric))})  # a diverged cell's is +-inf
-    df = pd.DataFrame(rows, columns=["variant", "seed", "cell_hash", "description", "status", "run_id",
+    df = pd.DataFrame(rows, columns=["variant", "seed", "cell_hash", "description", "state", "status", "run_id",
                                      "failure_reason", *SUMMARY_METRICS, "resolution", "in_stats"])
     df["in_stats"] = df["in_stats"].astype(bool)
     base = df[df["in_stats"] & (df["variant"] == BASELINE)].set_index("seed")[metric]
@@ -202,10 +206,14 @@ def format_summary_table(summary: pd.DataFrame) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
 
 
+def read_summary(report_dir: Path) -> pd.DataFrame:
+    """A written report's summary.csv, as summarize made it (empty cells as NaN, text as text)."""
+    return pd.read_csv(Path(report_dir) / "summary.csv", keep_default_na=False, na_values=[""])
+
+
 def summary_table_text(report_dir: Path) -> str:
     """The short per-variant table of a written report (what `run` prints at the end)."""
-    return format_summary_table(pd.read_csv(Path(report_dir) / "summary.csv", keep_default_na=False,
-                                            na_values=[""]))
+    return format_summary_table(read_summary(report_dir))
 
 
 def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
@@ -377,24 +385,53 @@ def _blocks(plan: Plan, table: pd.DataFrame, summary: pd.DataFrame, figures: lis
 
 # ---------------------------------------------------------------- entry points
 
+@dataclass(frozen=True)
+class ReportTables:
+    """What a report is made of: the plan's cells joined to their records, and the verdicts."""
+
+    standing: Outcome  # the looks replayed on the records (analysis.outcome)
+    cells: pd.DataFrame  # one row per needed cell (results.csv)
+    summary: pd.DataFrame  # one row per variant (summary.csv)
+
+
+def report_tables(plan: Plan, records: Iterable[CellRecord]) -> ReportTables:
+    """Join the records to the plan on the cell hash and decide: what the report, `run`, `status
+    --json` and chae_ablate.api all read (one join, one set of verdicts)."""
+    if not plan.cells:
+        raise ChaeError(f"study '{plan.study}' has no planned cells: nothing to report; "
+                        f"run it first with `chae-ablate run`")
+    standing = outcome(plan, records)
+    table = cell_table(plan, standing)
+    return ReportTables(standing, table, summarize(table, plan.analysis, standing))
+
+
+def write_table(table: pd.DataFrame, path_csv: Path) -> list[Path]:
+    """A table as CSV and, where pyarrow is installed (`pip install 'chae-ablate[parquet]'`), as
+    Parquet beside it with the same columns; returns the files written."""
+    written = [atomic_write_text(path_csv, table.to_csv(index=False))]
+    if parquet_available():
+        parquet = path_csv.with_suffix(".parquet")
+        written.append(atomic_write(parquet, lambda f: table.to_parquet(f, index=False)))
+    return written
+
+
+def parquet_available() -> bool:
+    return importlib.util.find_spec("pyarrow") is not None
+
+
 def build_report(plan: Plan, records: list[CellRecord], epochs: pd.DataFrame, out_dir: Path,
                  known: list[Version] = ()) -> tuple[Path, pd.DataFrame, list[Path]]:
     """Write the whole report of `plan` from these records into out_dir (known: the study's
     recorded versions); returns (report.md, summary, every file written)."""
-    if not plan.cells:
-        raise ChaeError(f"study '{plan.study}' has no planned cells: nothing to report; "
-                        f"run it first with `chae-ablate run`")
     out_dir = Path(out_dir)
-    standing = outcome(plan, records)
-    table = cell_table(plan, standing)
-    summary = summarize(table, plan.analysis, standing)
-    atomic_write_text(out_dir / "results.csv", table.to_csv(index=False))
-    atomic_write_text(out_dir / "summary.csv", summary.to_csv(index=False))
+    tables = report_tables(plan, records)
+    standing, table, summary = tables.standing, tables.cells, tables.summary
+    written = write_table(table, out_dir / "results.csv") + write_table(summary, out_dir / "summary.csv")
     figures = write_report_figures(summary, table, epochs, out_dir, standing.margin)
     blocks = _blocks(plan, table, summary, figures, standing, n_epochs(table, epochs), list(known))
-    atomic_write_text(out_dir / "report.html", render_html(blocks, out_dir))
+    written.append(atomic_write_text(out_dir / "report.html", render_html(blocks, out_dir)))
     md = atomic_write_text(out_dir / "report.md", render_markdown(blocks))
-    return md, summary, [out_dir / name for name in REPORT_FILES] + [out_dir / path for path, _ in figures]
+    return md, summary, [md, *written] + [out_dir / path for path, _ in figures]
 
 
 def write_report(study_name: str, out_dir: Path | None = None, plan: Plan | None = None) -> Path:

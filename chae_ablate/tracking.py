@@ -22,6 +22,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache, partial
 from pathlib import Path
@@ -56,15 +57,30 @@ PATIENCE_S = 60  # how long one call is retried while the store is unavailable (
 OUTAGE_WAIT_S = 1800  # how long a worker waits for a lost store to come back (CHAE_TRACKING_OUTAGE_WAIT_S)
 
 
+_STORE: ContextVar[str | None] = ContextVar("chae_ablate_tracking_uri", default=None)  # set by using_store
+
+
 def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI when set (a tracking server), else ./mlflow.db, what bare `mlflow ui` reads.
+    """The store of a `using_store` block, else MLFLOW_TRACKING_URI when set (a tracking server),
+    else ./mlflow.db, what bare `mlflow ui` reads.
 
     The default is made absolute: MLflow caches stores by URI, and a relative one would follow
     the first working directory it saw."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = _STORE.get() or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
         uri = f"sqlite:///{Path(uri.removeprefix('sqlite:///')).resolve()}"
     return uri
+
+
+@contextmanager
+def using_store(uri: str) -> Iterator[None]:
+    """Read (and write) the MLflow store at `uri` within the block, whatever the environment says:
+    chae_ablate.api reads a study of another folder or server without changing os.environ."""
+    token = _STORE.set(uri)
+    try:
+        yield
+    finally:
+        _STORE.reset(token)
 
 
 def patience_s() -> float:

@@ -212,7 +212,7 @@ def test_report_files_and_figures_are_real(known_report):
     md, _, _, written = known_report
     out = md.parent
     assert sorted(p.relative_to(out).as_posix() for p in written) == sorted(
-        [*report.REPORT_FILES, "figures/differences.png", "figures/val_loss_curves.png",
+        [*report.REPORT_FILES, *report.PARQUET_FILES, "figures/differences.png", "figures/val_loss_curves.png",
          "figures/params_vs_metric.png"])
     assert all(p.is_file() for p in written)
     text, page = md.read_text(), (out / "report.html").read_text()
@@ -241,7 +241,7 @@ def test_every_report_file_is_written_atomically(tmp_path, monkeypatch):
     replaced, real = [], files.os.replace
     monkeypatch.setattr(files.os, "replace", lambda src, dst: (replaced.append(Path(dst)), real(src, dst)))
     _, _, written = report.build_report(*make_study(KNOWN), tmp_path)
-    assert sorted(replaced) == sorted(written) and len(written) == 7
+    assert sorted(replaced) == sorted(written) and len(written) == 9  # 4 report files, 2 Parquet, 3 figures
     assert [p.name for p in tmp_path.rglob("*") if p.name.endswith(".tmp")] == []
 
 
@@ -559,7 +559,7 @@ def test_write_report_from_mlflow(tmp_path, monkeypatch):
             yield from walk(f.path) if f.is_dir else [f.path]
 
     assert {"plan.json", "report/report.md", "report/report.html", "report/summary.csv", "report/results.csv",
-            "report/figures/differences.png", "report/figures/val_loss_curves.png",
+            "report/summary.parquet", "report/results.parquet", "report/figures/differences.png", "report/figures/val_loss_curves.png",
             "report/figures/params_vs_metric.png"} == set(walk())  # by name: the latest plan, nothing recorded
     report.write_report("e2e", plan=replace(plan, source="/studies/e2e.yaml"))  # from a study file: its version
     report.write_report("e2e", plan=replace(plan, source="/studies/e2e.yaml"))
@@ -588,7 +588,7 @@ def test_plan_spread_from_an_earlier_study_says_the_seeds_each_variant_needs(tmp
     study = study_from_dict({"name": "next", "analysis": {"margin": 0.02, "relative": False},
                              "variants": {"heads4": {"set": {"model.transformer.heads": 4}},
                                           "depth3": {"set": {"model.transformer.depth": 3}}}}, {})
-    lines = seeds_from_earlier(study, "before")
+    lines = seeds_from_earlier(study, "before").lines()
     a = ALPHA / 2  # the new study's two variants, one look
     ref = reference(losses, "heads4", ALPHA / 2, 0.02)  # the earlier study's own look: m = 2, one look
     sd = ref.shared_se * math.sqrt(6)  # per-seed spread of a paired difference, shared

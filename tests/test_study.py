@@ -277,6 +277,7 @@ def test_plan_costs_each_distinct_model_once(monkeypatch):
     study = make({**variants, "d3": {"set": {"model.transformer.depth": 3}}}, model={"resolution": 32})
     built, real = [], plan.model_cost
     monkeypatch.setattr(plan, "model_cost", lambda model, classes: built.append(model) or real(model, classes))
-    table, footer = plan.plan_table(study)
+    planned = plan.study_plan(study)
+    table, footer = planned.table, planned.footer
     assert (len(table), len(built)) == (999, 2) and footer.startswith("999 variants x seeds = 999 cells")
     assert table["params"][0] == count_parameters(build_model(study.baseline.config.model, 10))
