@@ -6,7 +6,9 @@ Commands import the library when they run, so `--help` starts without loading to
 from __future__ import annotations
 
 import functools
+import json
 import math
+import os
 import signal
 import warnings
 from pathlib import Path
@@ -20,7 +22,7 @@ from .options import RUN_DEFAULTS, SLURM_DEFAULTS, RunOptions, SlurmOptions
 from .records import CellState
 
 app = typer.Typer(help="Reproducible architecture ablation studies of the CHAE classifier.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+                  no_args_is_help=True, pretty_exceptions_enable=False)  # --install-completion: bash, zsh, fish
 data_app = typer.Typer(help="Prepare and inspect image datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -31,18 +33,25 @@ SeedsOpt = Annotated[Optional[str], typer.Option(help="Override protocol.seeds, 
 StorageOpt = Annotated[Optional[str], typer.Option(help="Optuna storage URL (default: sqlite under runs/)")]
 DeviceOpt = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")]
 RunsOpt = Annotated[Path, typer.Option(help="Caches, checkpoints, ledger and MLflow artifacts")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print the data as JSON on stdout (messages go to stderr)")]
 
 
 def clean_errors(command):
-    """Turn the domain exception into one red line and exit code 1."""
+    """Turn the domain exception into one red line (plain with NO_COLOR set) and exit code 1."""
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except ChaeError as err:
-            typer.secho(f"error: {err}", fg=typer.colors.RED, err=True)
+            line = f"error: {err}"
+            typer.echo(line if os.environ.get("NO_COLOR") else typer.style(line, fg=typer.colors.RED), err=True)
             raise typer.Exit(1) from None
     return wrapper
+
+
+def echo_json(data: dict) -> None:
+    """One JSON document on stdout, strict (NaN is null), for `jq` and json.loads."""
+    typer.echo(json.dumps(data, indent=2, allow_nan=False, default=str))
 
 
 AdaptiveOpt = Annotated[bool, typer.Option("--adaptive", help="Add seeds only where verdicts are undecided "
@@ -70,15 +79,19 @@ def _load(study: Path, set_: list[str] | None, epochs: int | None, seeds: str | 
 def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: SeedsOpt = None,
          spread_from: Annotated[Optional[str], typer.Option(
              help="An earlier study's name in MLflow: say how many seeds each variant would likely need at its spread")]
-         = None) -> None:
+         = None, as_json: JsonOpt = False) -> None:
     """Show every variant's shape and cost (params, MFLOPs, tokens) without training."""
-    from .plan import format_plan, plan_table, seeds_from_earlier
+    from .plan import format_plan, seeds_from_earlier, study_plan
     loaded = _load(study, set_, epochs, seeds)
-    table, footer = plan_table(loaded)
-    typer.echo(format_plan(table))
-    typer.echo(footer)
-    if spread_from:
-        typer.echo("\n".join(seeds_from_earlier(loaded, spread_from)))
+    planned = study_plan(loaded)
+    earlier = seeds_from_earlier(loaded, spread_from) if spread_from else None
+    if as_json:
+        echo_json({**planned.to_json(), "spread_from": earlier.to_json() if earlier else None})
+        return
+    typer.echo(format_plan(planned.table))
+    typer.echo(planned.footer)
+    if earlier:
+        typer.echo("\n".join(earlier.lines()))
 
 
 ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: cores / workers)")]
@@ -201,23 +214,24 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
 @app.command()
 @clean_errors
 def status(study: StudyArg, storage: StorageOpt = None, set_: SetOpt = None, epochs: EpochsOpt = None,
-           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir) -> None:
+           seeds: SeedsOpt = None, adaptive: AdaptiveOpt = False, runs_dir: RunsOpt = RUN_DEFAULTS.runs_dir,
+           as_json: JsonOpt = False) -> None:
     """Cells done / running / queued / failed, and which worker holds each running cell."""
-    from .analysis import minutes_per_cell, seeds_needs
-    from .runner import study_status
-    loaded = _load(study, set_, epochs, seeds, adaptive)
-    standing = study_status(loaded, RunOptions(storage=storage, runs_dir=runs_dir))
-    cells = list(standing.records.values())
-    typer.echo(_cells_text(cells, worker=True))
-    count = {state: sum(c.state == state for c in cells) for state in CellState}
+    from .api import ledger_status
+    standing = ledger_status(_load(study, set_, epochs, seeds, adaptive), RunOptions(storage=storage, runs_dir=runs_dir))
+    if as_json:
+        echo_json(standing.to_json())
+        return
+    typer.echo(_cells_text(list(standing.standing.records.values()), worker=True))
+    count = standing.counts
     typer.echo(f"{count[CellState.DONE]} done, {count[CellState.RUNNING]} running, {count[CellState.QUEUED]} queued, "
-               f"{count[CellState.FAILED]} failed, {count[CellState.MISSING]} not queued yet, of {len(cells)} cells")
-    for need in seeds_needs(standing, loaded.analysis, minutes_per_cell(cells)):
-        typer.echo(f"undecided: {need.text}".replace("`", ""))
-    if standing.earlier:
-        kept = {state: sum(r.state == state for r in standing.earlier) for state in CellState}
-        typer.echo(f"kept apart: {len(standing.earlier)} cells of other versions of this study "
-                   f"({', '.join(f'{n} {state}' for state, n in kept.items() if n)}), not counted")
+               f"{count[CellState.FAILED]} failed, {count[CellState.MISSING]} not queued yet, of {len(standing.cells)} "
+               "cells")
+    for text in standing.undecided["text"]:
+        typer.echo(f"undecided: {text}")
+    if kept := standing.kept_apart:
+        typer.echo(f"kept apart: {sum(kept.values())} cells of other versions of this study "
+                   f"({', '.join(f'{n} {state}' for state, n in kept.items())}), not counted")
 
 
 @app.command()
@@ -267,9 +281,10 @@ def submit(study: StudyArg,
 @app.command()
 @clean_errors
 def report(study: Annotated[str, typer.Argument(help="Study name or YAML file")],
-           out: Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<study>)")] = None) -> None:
+           out: Annotated[Optional[Path], typer.Option(help="Output folder (default reports/<study>)")] = None,
+           as_json: JsonOpt = False) -> None:
     """Build the comparison report of a study from its MLflow runs (a YAML file: of that version of it)."""
-    from .report import write_report
+    from .report import read_summary, write_report
     from .study import check_name
     from .tracking import experiment_link
     if study.endswith((".yaml", ".yml")):
@@ -277,8 +292,14 @@ def report(study: Annotated[str, typer.Argument(help="Study name or YAML file")]
         name, plan = loaded.name, loaded.plan()
     else:
         name, plan = check_name(study), None
-    typer.echo(f"report: {write_report(name, out, plan)}")
-    typer.echo(f"mlflow: {experiment_link(name)}  (run `mlflow ui` here first for a local store)")
+    md, link = write_report(name, out, plan), experiment_link(name)
+    if as_json:
+        from .render import json_rows
+        echo_json({"study": name, "report": str(md), "html": str(md.with_suffix(".html")), "mlflow": link,
+                   "variants": json_rows(read_summary(md.parent))})
+        return
+    typer.echo(f"report: {md}")
+    typer.echo(f"mlflow: {link}  (run `mlflow ui` here first for a local store)")
 
 
 @data_app.command("prepare")
