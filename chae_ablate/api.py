@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from . import tracking
-from .analysis import Outcome, Plan, minutes_per_cell, seeds_needs
+from .analysis import Outcome, minutes_per_cell, seeds_needs
 from .figures import report_figures
 from .metrics import EPOCH_METRICS, Metric
 from .options import RunOptions
@@ -59,10 +59,6 @@ class StudyResults:
     @property
     def name(self) -> str:
         return self.study.name
-
-    @cached_property
-    def plan_(self) -> Plan:
-        return self.study.plan()
 
     def plan(self) -> pd.DataFrame:
         """One row per variant: variant, changes, resolution, tokens, params, mflops (per image,
@@ -124,7 +120,7 @@ class StudyResults:
 
     @cached_property
     def _tables(self) -> ReportTables:
-        return report_tables(self.plan_, self._runs.records)
+        return report_tables(self.study.plan(), self._runs.records)
 
 
 def status_rows(standing: Outcome) -> pd.DataFrame:

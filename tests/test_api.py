@@ -28,13 +28,14 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def ran(tmp_path_factory):
-    """The tiny study run once, as a user would, in a folder of its own."""
+    """The tiny study run once, as a user would, in a folder of its own, its ledger a journal file
+    (as on a cluster's shared disk)."""
     folder = tmp_path_factory.mktemp("ran")
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(folder)
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         mp.setenv("TQDM_DISABLE", "1")
-        result = runner.invoke(app, ["run", str(TINY), "--no-progress"])
+        result = runner.invoke(app, ["run", str(TINY), "--no-progress", "--storage", journal(folder)])
         assert result.exit_code == 0, result.output
     return folder
 
@@ -45,6 +46,10 @@ def elsewhere(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     return tmp_path
+
+
+def journal(folder) -> str:
+    return f"journal:{folder / 'ledger.journal'}"
 
 
 def strict(text: str):
@@ -112,7 +117,7 @@ def test_plan_rows_and_plan_json_agree(ran):
 
 def test_status_json_and_status_rows_read_the_ledger(ran, monkeypatch):
     monkeypatch.chdir(ran)
-    result = runner.invoke(app, ["status", str(TINY), "--json"])
+    result = runner.invoke(app, ["status", str(TINY), "--json", "--storage", journal(ran)])
     assert result.exit_code == 0, result.output
     data = strict(result.stdout)
     assert data["counts"] == {"queued": 0, "running": 0, "done": 4, "failed": 0, "pruned": 0, "missing": 0}
@@ -122,8 +127,10 @@ def test_status_json_and_status_rows_read_the_ledger(ran, monkeypatch):
     for r in results.itertuples():
         assert by_hash[r.cell_hash]["best_val_loss"] == pytest.approx(r.best_val_loss)
     assert {d["variant"] for d in data["undecided"]} <= {"depth2"}
-    rows = chae_ablate.load(TINY).status()  # the folder here: its runs/ ledger
+    rows = chae_ablate.load(TINY, storage=journal(ran)).status()  # MLflow: the folder here
     assert list(rows["cell_hash"]) == list(results["cell_hash"]) and (rows["state"] == "done").all()
+    with pytest.raises(ChaeError, match="study synthetic-tiny: not in the ledger .*optuna.db; start it first"):
+        chae_ablate.load(TINY).status()  # the default ledger (runs/optuna.db) was never used here
 
 
 def test_report_json_is_the_summary(ran, monkeypatch, tmp_path):
