@@ -201,7 +201,10 @@ def search(study: StudyArg, trials: Annotated[Optional[int], typer.Option(min=1,
     options = RunOptions(storage=storage, workers=workers, device=device, runs_dir=runs_dir, fresh=fresh,
                          progress=progress, compile=compile, threads=threads, heartbeat_s=heartbeat, grace_s=grace,
                          retries=retries)
-    summary = run_search(_load(study, set_, epochs, None), options, trials)
+    try:
+        summary = run_search(_load(study, set_, epochs, None), options, trials)
+    except KeyboardInterrupt:  # run_search said what it stopped and left; SIGTERM exits 143 as SystemExit
+        raise typer.Exit(130) from None
     confirm = summary.confirmation
     if confirm is None:
         typer.echo("no configuration to confirm: no trial finished, or the best was the baseline itself")

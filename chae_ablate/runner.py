@@ -181,11 +181,12 @@ class Worker:
             raise CellError(reason) from None
 
 
-def handed_back_on_stop(what: str, release, heartbeat, work, *args):
+def handed_back_on_stop(what: str, release, heartbeat, work, *args, quiet: bool = False):
     """work(*args) for a held cell or trial, its heartbeat beating. When the MLflow store stays away,
     stop beating, hand it back (release(why)), wait for the store and return None; on any stop
     (Ctrl-C, SIGTERM or SLURM's signal as SystemExit, a lost ledger) hand it back and re-raise. Its
-    checkpoint stays either way."""
+    checkpoint stays either way. quiet: say nothing on Ctrl-C or SIGTERM (a search says it in its
+    own last line)."""
     try:
         with heartbeat:
             return work(*args)
@@ -197,7 +198,8 @@ def handed_back_on_stop(what: str, release, heartbeat, work, *args):
     except BaseException as stop:
         back = ("handed back to the queue" if best_effort(release, type(stop).__name__) else
                 "back in the queue once the grace period has passed")
-        notify(f"{what}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
+        if not (quiet and isinstance(stop, (KeyboardInterrupt, SystemExit))):
+            notify(f"{what}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
         raise
 
 

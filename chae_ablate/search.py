@@ -8,6 +8,10 @@ and do not count; a trial whose worker died is re-queued with the same knobs and
 checkpoint; (3) the top-k configurations become variants of a confirmation study against the
 baseline, on fresh seeds, decided with adaptive seeds (analysis.py), so a search never reports its
 luckiest trial as a finding.
+
+A search says what it does: a line per phase, and one per trial (a bar over the budget on a
+terminal). Stopped (Ctrl-C, SIGTERM), it hands its trial back to the queue, writes the report of
+the trials done and says so in one line; the same command resumes it.
 """
 from __future__ import annotations
 
@@ -16,11 +20,13 @@ import json
 import math
 import multiprocessing
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from . import versions
 from . import stats
@@ -35,7 +41,7 @@ from .records import CellState
 from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
                      child_device, forget, handed_back_on_stop, notify, open_session, recorded, run_study, set_threads,
                      stores)
-from .search_report import write_search_report
+from .search_report import knobs_text, loss_text, value_text, without_trial, write_search_report
 from .space import Knob
 from .study import Study, Variant, cell_hash, config_key
 from .train import pick_device
@@ -50,6 +56,7 @@ class SearchSummary:
     confirmation: RunSummary | None
     budget: int  # trained trials, as run (search.trials, or --trials)
     report: Path | None = None
+    interrupted: str = ""  # what stopped it before the end (e.g. SIGINT): its report is partial
 
 
 def search_name(study: Study) -> str:
@@ -99,7 +106,14 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
         options = replace(options, fresh=False)
     elif not joining:
         say_if_changed(study, options, budget)
-    run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
+    cells = len(base.plan().cells)
+    notify(f"search of {study.name}: training the baseline first ({cells} cell{'s' * (cells != 1)})")
+    try:
+        run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
+    except (KeyboardInterrupt, SystemExit) as stop:
+        notify(f"search of {study.name} interrupted ({stop_name(stop)}) while training the baseline, before any "
+               "trial; rerun the same command to resume")
+        raise
     session = open_session(base, options)
     plan = base.plan()
     curve = session.ledger.mean_curve({c.cell_hash for c in plan.cells})
@@ -108,16 +122,69 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
                                     .records.values() if r.state == CellState.DONE])
     alone = options.workers <= 1 and not joining  # one searcher: a seeded, reproducible search
     ledger = search_ledger(study, options, curve, margin, budget, study.search.seeds[0] if alone else None)
-    if options.workers > 1:
-        _search_children(study, options, curve, margin, budget)
-    else:
-        Searcher(study, base, options, device, session, ledger, budget).run()  # phase 2
-    confirm = confirmation_study(study, ledger)
-    confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
+    searcher = None if options.workers > 1 else Searcher(study, base, options, device, session, ledger, budget)
+    try:
+        trained = ledger.used(finished=True)
+        notify(f"search of {study.name}: {budget} trials ({study.search.sampler} sampler, {study.search.pruner} "
+               f"pruner){f', {trained} trained already' if trained else ''}")
+        if searcher is None:
+            _search_children(study, options, curve, margin, budget)
+        else:
+            searcher.run()  # phase 2
+        confirm = confirmation_study(study, ledger)
+        if confirm is not None:
+            notify(f"search of {study.name}: confirming the top {len(confirm.variants) - 1} against the baseline on "
+                   f"fresh seeds (study {confirm.name})")
+        confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
+    except (KeyboardInterrupt, SystemExit) as stop:
+        summary = SearchSummary(search_name(study), [], None, budget, interrupted=stop_name(stop))
+        notify(stopped(study, summary, ledger, searcher, report, curve, margin))
+        raise
     summary = SearchSummary(search_name(study), ledger.trials(), confirmation, budget)
     if report:
         summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
     return summary
+
+
+def stop_name(stop: BaseException) -> str:
+    """What stopped a search: SIGINT (Ctrl-C), or the signal whose handler raised SystemExit(128 + signal)."""
+    if isinstance(stop, KeyboardInterrupt):
+        return "SIGINT"
+    if isinstance(stop.code, int) and stop.code > 128:
+        try:
+            return signal.Signals(stop.code - 128).name
+        except ValueError:
+            pass
+    return f"exit {stop.code}"
+
+
+def stopped(study: Study, summary: SearchSummary, ledger: SearchLedger, searcher: Searcher | None, report: bool,
+            curve: dict[int, float], margin: float) -> str:
+    """After a stop in the trials or the confirmation: hand back what this process still holds, write
+    the report of the trials done (no confirmation) and return the one line that says so."""
+    parts = []
+    try:
+        returned = ledger.release_all(summary.interrupted)  # a trial asked but not yet training
+        summary.trials = ledger.trials()
+        done = ledger.used(finished=True)
+    except Exception as err:  # the ledger is gone: say so, and what a rerun does
+        return (f"search of {study.name} interrupted ({summary.interrupted}); the ledger could not be read ({err}); "
+                "rerun the same command to resume")
+    parts.append(f"{done} of {summary.budget} trials trained")
+    if searcher is not None:
+        returned = searcher.handed_back + returned
+        if searcher.training is not None and searcher.training not in returned:
+            parts.append(f"trial {searcher.training} goes back to the queue once the grace period has passed")
+    if returned:
+        parts.append(f"trial{'s' * (len(returned) > 1)} {', '.join(map(str, returned))} returned to the queue")
+    if report:
+        try:
+            summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
+            parts.append(f"partial report: {summary.report}")
+        except Exception as err:
+            parts.append(f"no partial report ({type(err).__name__}: {err})")
+    return f"search of {study.name} interrupted ({summary.interrupted}): {'; '.join(parts)}; rerun the same " \
+           "command to resume"
 
 
 def say_if_changed(study: Study, options: RunOptions, budget: int) -> None:
@@ -152,20 +219,35 @@ def _search_children(study: Study, options: RunOptions, curve: dict[int, float],
                 for i in range(options.workers)]
     for child in children:
         child.start()
-    for child in children:
-        child.join()
+    try:
+        for child in children:
+            child.join()
+    except BaseException:  # Ctrl-C reached the children too; a SIGTERM to this process is passed on
+        for child in children:
+            child.join(timeout=30)  # each hands its trial back first
+            if child.is_alive():
+                child.terminate()
+        raise
     if any(child.exitcode for child in children):
         raise ChaeError("a search worker process exited with an error; rerun to resume")
 
 
 def _search_child(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int,
                   index: int) -> None:
+    signal.signal(signal.SIGTERM, _terminated)  # a stop hands the held trial back, as in the parent
     device = child_device(options, index)
     set_threads(options, options.workers)
     options = replace(options, progress=False)
     base = baseline_study(study)
     ledger = search_ledger(study, options, curve, margin, budget, None)
-    Searcher(study, base, options, device, open_session(base, options), ledger, budget).run()
+    try:
+        Searcher(study, base, options, device, open_session(base, options), ledger, budget).run()
+    except KeyboardInterrupt:
+        raise SystemExit(128 + signal.SIGINT) from None  # the parent says what stopped; no traceback here
+
+
+def _terminated(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 class Searcher:
@@ -177,8 +259,15 @@ class Searcher:
         self.worker = Worker(base, options, device, session)  # MLflow runs and checkpoints under the search
         self.rejected_limit = 20 * budget  # a space that is almost all invalid must still end
         self.rng = random.Random(study.search.seeds[0])
+        self.progress: TrialProgress | None = None
+        self.training: int | None = None  # the trial being trained now
+        self.handed_back: list[int] = []  # trials handed back to the queue on a stop
 
     def run(self) -> None:
+        with TrialProgress(self.study, self.ledger, self.budget, self.worker.options.bars) as self.progress:
+            self._run()
+
+    def _run(self) -> None:
         rejected = 0
         while True:
             queued, running = self.ledger.pending()
@@ -192,6 +281,7 @@ class Searcher:
                 config = self.study.config_with(trial.params, where=f"trial {trial.number}")
             except ConfigError as err:
                 self.ledger.skip(trial, REJECTED, str(err))
+                self.progress.ended(trial, f"rejected, not trained nor counted: {without_trial(str(err))}")
                 rejected += 1
                 if rejected >= self.rejected_limit:
                     raise ChaeError(f"search: {rejected} combinations in a row were rejected by the builder "
@@ -202,14 +292,22 @@ class Searcher:
                 continue
             if not trial.retry and self.ledger.used(before=trial.number) >= self.budget:
                 self.ledger.skip(trial, OVER_BUDGET, "the budget was used by other workers")
+                self.progress.ended(trial, "not trained: the budget was used by other workers")
                 continue
             rejected = 0
             try:
                 self.ledger.accept(trial)
-                handed_back_on_stop(f"search trial {trial.number}", lambda why: self.ledger.release(trial, why),
-                                    self.ledger.heartbeat(trial), self.train_trial, trial, config)
+                self.training = trial.number
+                handed_back_on_stop(f"search trial {trial.number}", lambda why: self.hand_back(trial, why),
+                                    self.ledger.heartbeat(trial), self.train_trial, trial, config, quiet=True)
             except TakenOver as err:
                 notify(f"search trial {trial.number}: {err}; stopped here, writing nothing more")
+            self.training = None
+
+    def hand_back(self, trial: SearchTrial, why: str) -> None:
+        """A stopped trial back to the queue, at once (the search's last line lists it)."""
+        self.ledger.release(trial, why)
+        self.handed_back.append(trial.number)
 
     def random_feasible(self, tries: int = 200) -> dict | None:
         """A uniformly drawn combination the builder accepts (None if none turns up in `tries`)."""
@@ -236,11 +334,55 @@ class Searcher:
                 values.append(self.worker.train(cell, reporter)[RANKING])
             except CellPruned as pruned:
                 self.ledger.finish(trial, None, pruned_at=pruned.epoch)
+                self.progress.ended(trial, f"pruned at epoch {pruned.epoch}")
                 return
             except CellError as err:
                 self.ledger.fail(trial, f"cell {cell.label}: {err.reason}")
+                self.progress.ended(trial, f"failed: cell {cell.label}: {err.reason.splitlines()[0][:200]}")
                 return
-        self.ledger.finish(trial, sum(values) / len(values))
+        value = sum(values) / len(values)
+        self.ledger.finish(trial, value)
+        seeds = f" (mean of {len(values)} seeds)" if len(values) > 1 else ""
+        self.progress.ended(trial, f"best loss {loss_text(value)}{seeds}", value)
+
+
+class TrialProgress:
+    """Where the search stands, counted from the ledger (every worker's trials): on a terminal a bar
+    over the budget of trained trials; otherwise (a log, SLURM, --no-progress) one line per trial
+    this process ends, e.g. '[3/12 trials] trial 4 depth=2 lr=0.003: best loss 0.1234'."""
+
+    def __init__(self, study: Study, ledger: SearchLedger, budget: int, bar: bool):
+        self.ledger, self.budget = ledger, budget
+        self.best = min((t["value"] for t in ledger.trials() if t["value"] is not None and math.isfinite(t["value"])),
+                        default=math.inf)
+        self.bar = tqdm(total=budget, desc=f"search {study.name}", unit="trial", disable=not bar, dynamic_ncols=True)
+        self.bar.n = ledger.used(finished=True)
+        self.bar.refresh()
+
+    def __enter__(self) -> TrialProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+
+    def ended(self, trial: SearchTrial, outcome: str, value: float | None = None) -> None:
+        """A trial this process asked has its outcome (a rejected one's too: it used no budget)."""
+        done = self.ledger.used(finished=True)
+        if value is not None and value < self.best:
+            self.best = value
+        if self.bar.disable:
+            notify(trial_line(trial, outcome, done, self.budget))
+            return
+        self.bar.n = done
+        self.bar.set_postfix_str(f"best {loss_text(self.best if math.isfinite(self.best) else None)}; "
+                                 f"trial {trial.number}: {outcome[:40]}", refresh=False)
+        self.bar.refresh()
+
+
+def trial_line(trial: SearchTrial, outcome: str, done: int, budget: int) -> str:
+    """A trial's progress line: how much of the budget is used, the trial, its knobs, its outcome."""
+    again = " (re-run)" if trial.retry else ""
+    return f"[{done}/{budget} trials] trial {trial.number}{again} {knobs_text(trial.params)}: {outcome}"
 
 
 def random_value(knob: Knob, rng: random.Random):
@@ -283,7 +425,7 @@ def confirmation_study(study: Study, ledger: SearchLedger) -> Study | None:
         if cell_hash(config, 0) in seen:
             continue  # the baseline itself, or a configuration already listed: nothing new to confirm
         seen.add(cell_hash(config, 0))
-        knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        knobs = ", ".join(f"{k}={value_text(v)}" for k, v in params.items())
         variants.append(Variant(f"top{rank}", f"trial {number} (search value {value:.4f}): {knobs}", dict(params), config))
     if len(variants) == 1:
         return None  # no finished trial, or only the baseline itself: nothing to confirm

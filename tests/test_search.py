@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import signal
+import subprocess
+import threading
 import time
 
 import mlflow
@@ -83,24 +86,75 @@ search:
 
 
 
+class Output:
+    """A process's merged output, read by a thread as it comes, so a test can wait for a line."""
+
+    def __init__(self, process: subprocess.Popen):
+        self.lines: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.lines.extend(process.stdout), daemon=True)
+        self.thread.start()
+
+    @property
+    def text(self) -> str:
+        return "".join(self.lines)
+
+
+def trials_of(study, storage: str) -> list:
+    try:
+        return optuna.load_study(study_name=trials_name(study, 6), storage=storage).get_trials()
+    except Exception:  # not created yet
+        return []
+
+
+def wait_until(ready, process: subprocess.Popen, output: Output | None = None, timeout_s: float = 600) -> None:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and process.poll() is None and not ready():
+        time.sleep(0.2)
+    assert process.poll() is None, output.text if output else process.communicate()[0]
+
+
+def trained(trials, state) -> int:
+    return sum(t.user_attrs.get("outcome") == "trained" and state(t.state) for t in trials)
+
+
+TRIAL_ENDED = re.compile(r"^\[\d/6 trials\] trial \d+ .*: (best loss \d\.\d{4}|pruned at epoch \d)$", re.MULTILINE)
+
+
 @pytest.mark.slow
-def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tmp_path):
+def test_search_interrupted_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tmp_path):
+    """Ctrl-C (SIGINT) after two trials: one line, the held trial back in the queue, a partial report;
+    then kill -9 mid-trial; then a rerun that uses the budget exactly, once per trial."""
     drops = ", ".join(f"{v.name}: null" for v in load_study(STUDIES / "quickstart.yaml").variants[1:])
     (tmp_path / "s.yaml").write_text(SEARCH.format(quickstart=STUDIES / "quickstart.yaml", drops=drops))
     study = load_study(tmp_path / "s.yaml")
-    victim = cli("search", "s.yaml", "--no-progress", cwd=tmp_path, start_new_session=True)
     storage = f"sqlite:///{tmp_path}/runs/optuna.db"
-    deadline = time.time() + 600
-    while time.time() < deadline and victim.poll() is None:
-        try:
-            trials = optuna.load_study(study_name=trials_name(study, 6), storage=storage).get_trials()
-        except Exception:  # not created yet
-            trials = []
-        if sum(t.state.is_finished() and t.user_attrs.get("outcome") == "trained" for t in trials) >= 2 and any(
-                t.state == optuna.trial.TrialState.RUNNING and t.user_attrs.get("outcome") == "trained" for t in trials):
-            break
-        time.sleep(0.2)
-    assert victim.poll() is None, victim.communicate()[0]
+    running = lambda t: t == optuna.trial.TrialState.RUNNING  # noqa: E731
+
+    stopped = cli("search", "s.yaml", "--no-progress", cwd=tmp_path, start_new_session=True)
+    output = Output(stopped)
+    wait_until(lambda: len(TRIAL_ENDED.findall(output.text)) >= 2 and trained(trials_of(study, storage), running),
+               stopped, output)
+    os.kill(stopped.pid, signal.SIGINT)  # mid-trial: Ctrl-C
+    assert stopped.wait(timeout=120) == 130, output.text
+    output.thread.join(timeout=10)
+    lines = output.text.splitlines()
+    assert lines[0] == "search of tinysearch: training the baseline first (1 cell)", lines
+    assert len([line for line in lines if "interrupted" in line]) == 1 and "Traceback" not in output.text, lines
+    assert re.fullmatch(r"search of tinysearch interrupted \(SIGINT\): [23] of 6 trials trained; trial \d+ returned "
+                        r"to the queue; partial report: reports/tinysearch-search/report.md; rerun the same command "
+                        r"to resume", lines[-1]), lines[-1]
+    for name in optuna.get_all_study_names(storage):  # the baseline's cells and the search's trials
+        assert not any(t.state == optuna.trial.TrialState.RUNNING
+                       for t in optuna.load_study(study_name=name, storage=storage).get_trials()), name
+    partial = (tmp_path / "reports" / "tinysearch-search" / "report.md").read_text()
+    assert "Partial report: the search was interrupted (SIGINT)" in partial
+    for t in trials_of(study, storage):
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert f"| {t.number} | finished | {t.value:.4f} |" in partial
+
+    victim = cli("search", "s.yaml", "--no-progress", cwd=tmp_path, start_new_session=True)
+    wait_until(lambda: trained(trials := trials_of(study, storage), lambda s: s.is_finished()) >= 4
+               and trained(trials, running), victim)
     os.killpg(victim.pid, signal.SIGKILL)  # mid-trial
     victim.wait()
 
@@ -108,9 +162,13 @@ def test_search_killed_and_rerun_keeps_its_budget_prunes_rejects_and_confirms(tm
     assert "search report: reports/tinysearch-search/report.md" in out, out
     trials = pd.read_csv(tmp_path / "reports" / "tinysearch-search" / "trials.csv")
     budget = trials[trials["state"].isin(["done", "pruned"])]
-    assert len(budget) == 6  # exactly the budget, though a trial was killed mid-way
-    killed = trials[(trials["state"] == "failed") & trials["reason"].isna()]
-    assert len(killed) == 1 and killed["trial"].iloc[0] in set(trials["retry_of"].dropna().astype(int))
+    assert len(budget) == 6  # exactly the budget, though one trial was interrupted and one killed mid-way
+    knobs = [c for c in trials.columns if "." in c]
+    stopped = trials[(trials["state"] == "failed") & trials["reason"].isna()]  # the SIGINT's and the kill's
+    assert len(stopped) == 2
+    for row in stopped.itertuples():  # each re-run once, with the same knobs, in the budget
+        rerun = budget[budget["retry_of"] == row.trial]
+        assert len(rerun) == 1 and (rerun[knobs].iloc[0] == trials.loc[row.Index, knobs]).all()
     hopeless = budget[budget["protocol.lr"] == 1e-7]  # trained trials (the killed and the rejected trained nothing)
     assert len(hopeless) and (hopeless["state"] == "pruned").all()
     assert (hopeless["pruned_at_epoch"] < 2).all()  # before their last epoch

@@ -121,16 +121,18 @@ class SearchLedger(ClaimedStudy):
         storage, trial_id = internals(self.study, trial)
         return storage.get_trial(trial_id)
 
-    def used(self, before: int | None = None) -> int:
+    def used(self, before: int | None = None, finished: bool = False) -> int:
         """Budget slots taken (by trials numbered below `before`): trained, pruned, running or re-queued
         trials that were not rejected. A running trial not yet judged counts, so two workers asking
-        at once can never both take the last slot."""
+        at once can never both take the last slot. finished: only the slots spent (trained, pruned or
+        failed), not those held by running or re-queued trials: how far the search has come."""
         self.recover()
-        holding = (TrialState.RUNNING, TrialState.COMPLETE, TrialState.PRUNED)
+        spent = (TrialState.COMPLETE, TrialState.PRUNED)
         return sum(1 for t in self.study.get_trials(deepcopy=False)
                    if (before is None or t.number < before) and t.user_attrs.get("outcome") in (None, TRAINED)
-                   and (t.state in holding or (t.state == TrialState.FAIL and "reason" in t.user_attrs)
-                        or (t.state == TrialState.WAITING and t.user_attrs.get("outcome") == TRAINED)))
+                   and (t.state in spent or (t.state == TrialState.FAIL and "reason" in t.user_attrs)
+                        or (not finished and (t.state == TrialState.RUNNING or (
+                            t.state == TrialState.WAITING and t.user_attrs.get("outcome") == TRAINED)))))
         # a FAIL with a reason is a trial whose cell failed: it used its slot. A FAIL without one is a
         # dead worker's trial: its re-queued copy (WAITING, then RUNNING) holds the slot instead.
 
@@ -174,6 +176,15 @@ class SearchLedger(ClaimedStudy):
         """Hand a held trial back to the queue at once (ClaimedStudy.release_trial)."""
         held, holder = self._held.pop(trial.number)
         self.release_trial(internals(self.study, held)[1], holder, why)
+
+    def release_all(self, why: str) -> list[int]:
+        """Hand back every trial this worker still holds (one asked but not yet training when the
+        worker was stopped); the numbers handed back."""
+        numbers = list(self._held)
+        for number in numbers:
+            held, holder = self._held.pop(number)
+            self.release_trial(internals(self.study, held)[1], holder, why)
+        return numbers
 
     def reported_epochs(self, trial: SearchTrial) -> set[int]:
         return set(self._frozen(self._held[trial.number][0]).intermediate_values)
