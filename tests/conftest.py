@@ -28,6 +28,18 @@ variants:
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_parent_settle_in_process(monkeypatch):
+    """A worker that creates a study's parent run pauses (tracking.PARENT_SETTLE_S, 2 s) so that a
+    racing worker's parent becomes visible. In the test process one worker at a time ever creates
+    one, so the pause waits for nothing: skipped here, 2 s per study started in-process. Processes
+    the tests start keep it; the tests of workers that race (test_hardening's run and worker
+    started together, test_distributed, test_claims) run that way."""
+    tracking = sys.modules.get("chae_ablate.tracking")  # imported by the test modules that need it
+    if tracking is not None:
+        monkeypatch.setattr(tracking, "PARENT_SETTLE_S", 0.0)
+
+
 @pytest.fixture
 def workdir(tmp_path, monkeypatch):
     """Run in an empty folder with its own MLflow store, as a user would."""
