@@ -36,17 +36,13 @@ class Planted:
         return (os.system, (f"touch {self.marker}",))
 
 
-def one_cell_study():
-    return load_study(TINY, {"protocol.seeds": [0]})
+BAD_CHECKPOINTS = ("planted", "garbage", "wrong shape", "old format")
 
 
-@pytest.mark.parametrize("payload", ["planted", "garbage", "wrong shape", "old format"])
-def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir, payload):
-    study = one_cell_study()
-    cell = study.cells()[0]
-    folder = checkpoint_dir(RunOptions(), study, cell)
+def plant(folder: Path, payload: str, marker: Path) -> None:
+    """A last.pt in folder that must not load: one that would run code when unpickled, random
+    bytes, a real checkpoint of another model, or another version's layout."""
     folder.mkdir(parents=True)
-    marker = workdir / "pwned"
     if payload == "planted":
         (folder / "last.pt").write_bytes(pickle.dumps({"state": Planted(marker)}))
     elif payload == "garbage":
@@ -56,14 +52,28 @@ def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir, payload
                     "state": {"history": [{}]}}, folder / "last.pt")
     else:  # another version's layout: refused by its format before anything of it is used
         torch.save({"format": 1, "model": {}, "optimizer": {}, "state": {"history": [{}]}}, folder / "last.pt")
+
+
+def test_a_bad_checkpoint_never_runs_code_and_the_cell_restarts(workdir):
+    """Each kind of bad checkpoint in its own cell of the tiny study (four kinds, four cells; one
+    run instead of one per kind): none runs code, each is moved aside with a warning naming it, and
+    its cell restarts from epoch 1 and writes a good one."""
+    study = load_study(TINY)
+    folders = {payload: checkpoint_dir(RunOptions(), study, cell)
+               for payload, cell in zip(BAD_CHECKPOINTS, study.cells(), strict=True)}
+    marker = workdir / "pwned"
+    for payload, folder in folders.items():
+        plant(folder, payload, marker)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         summary = run_study(study, RunOptions(progress=False), report=False)
     assert not marker.exists(), "unpickling the checkpoint ran code"
-    assert [c.state for c in summary.cells] == ["done"] * 2
-    assert any(issubclass(w.category, train.CheckpointWarning) for w in caught)
-    assert len(list(folder.glob("last.pt.unloadable-*"))) == 1
-    assert train.checkpoint_epochs(folder) == 2  # the restarted cell wrote a good one
+    assert [c.state for c in summary.cells] == ["done"] * 4
+    warned = [str(w.message) for w in caught if issubclass(w.category, train.CheckpointWarning)]
+    for payload, folder in folders.items():
+        assert any(f"checkpoint {folder / 'last.pt'} does not load" in line for line in warned), (payload, warned)
+        assert len(list(folder.glob("last.pt.unloadable-*"))) == 1, payload
+        assert train.checkpoint_epochs(folder) == 2, payload  # the restarted cell wrote a good one
 
 
 def test_paths_from_names_cannot_leave_their_folder(tmp_path):
