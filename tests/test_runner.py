@@ -39,7 +39,9 @@ def complete_trials(study, runs_dir: Path) -> list:
         states=(optuna.trial.TrialState.COMPLETE,))
 
 
-def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
+def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell_and_a_rerun_skips_them(workdir):
+    """One run of the tiny study: its MLflow layout and ledger; then a rerun trains nothing and
+    --fresh starts over (one test, so the study is trained once for both)."""
     study = load_study(TINY)
     summary = run_study(study, RunOptions(progress=False), report=False)
     assert [c.state for c in summary.cells] == ["done"] * 4
@@ -66,10 +68,7 @@ def test_tiny_study_logs_one_parent_and_one_nested_run_per_cell(workdir):
     assert all(len(t.intermediate_values) == 2 for t in trials)
     assert Path("mlflow.db").exists() and not Path("mlruns").exists()
 
-
-def test_rerun_skips_finished_cells_and_fresh_starts_over(workdir):
-    study = load_study(TINY)
-    run_study(study, RunOptions(progress=False), report=False)
+    # a rerun skips the finished cells; --fresh forgets them and starts over
     run_study(study, RunOptions(progress=False), report=False)
     assert len(cell_runs("synthetic-tiny")[2]) == 4
     assert len(complete_trials(study, Path("runs"))) == 4
