@@ -271,7 +271,7 @@ def test_a_preempted_task_is_requeued_and_its_cell_resumes_from_its_checkpoint(o
     the requeued task resumes it from its epoch checkpoint, continuing its MLflow run; nothing runs
     twice. (With more tasks, whichever is free first resumes it.)"""
     (on_slurm / "preempt.yaml").write_text(slow_study("preempt"))
-    job = submitted("preempt.yaml", "--array", "1", "--seeds", "0,1")
+    job = submitted("preempt.yaml", "--array", "1", "--seeds", "0")  # two cells: the preempted one and one more
     checkpoints = on_slurm / "runs" / "checkpoints" / "preempt"
 
     def holder() -> tuple[str, str] | None:
@@ -290,8 +290,8 @@ def test_a_preempted_task_is_requeued_and_its_cell_resumes_from_its_checkpoint(o
 
     trials = ledger_trials(on_slurm, "preempt")
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
-    assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "baseline", "depth2", "depth2"]
-    assert len({t.user_attrs["cell_hash"] for t in complete}) == 4
+    assert sorted(t.user_attrs["variant"] for t in complete) == ["baseline", "depth2"]
+    assert len({t.user_attrs["cell_hash"] for t in complete}) == 2
     attempts = [t for t in trials if t.user_attrs["cell_hash"] == cell]
     assert [t.state for t in attempts] == [optuna.trial.TrialState.FAIL, optuna.trial.TrialState.COMPLETE], [
         (t.number, t.state, t.user_attrs) for t in trials]  # the preempted attempt, resumed once
@@ -301,7 +301,7 @@ def test_a_preempted_task_is_requeued_and_its_cell_resumes_from_its_checkpoint(o
     runs = cell_runs("preempt")
     assert not [r for r in runs if r.info.status == "RUNNING"]
     finished = [r for r in runs if r.info.status == "FINISHED"]
-    assert len(finished) == 4 == len({r.data.tags["cell_hash"] for r in finished})
+    assert len(finished) == 2 == len({r.data.tags["cell_hash"] for r in finished})
     resumed = [r for r in finished if r.data.tags["cell_hash"] == cell][0]
     assert int(resumed.data.tags["resumed_from_epoch"]) >= 1  # from its checkpoint, not from scratch
     assert not [r for r in finished if r.data.tags["cell_hash"] != cell and "resumed_from_epoch" in r.data.tags]
