@@ -60,6 +60,21 @@ def chae(*args: str, cwd: Path, env: dict[str, str] | None = None, prefix: tuple
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
+def chae_here(*args: str):
+    """`chae-ablate ARGS` through the CLI in this process and its working directory (typer's
+    CliRunner: no interpreter to start, which costs ~6 s of imports, torch and MLflow, per command);
+    torch's thread count is put back afterwards, since --threads sets it for the process."""
+    import torch
+    from typer.testing import CliRunner
+
+    from chae_ablate.cli import app
+    threads = torch.get_num_threads()
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        torch.set_num_threads(threads)
+
+
 def undisturbed_metrics(study_path: Path, runs_dir: Path, overrides: dict | None = None) -> dict:
     """(variant, seed) -> summary metrics of each cell of the study trained here, undisturbed, on one
     thread (as the tests' workers run), to hold a disturbed run's metrics against."""

@@ -13,7 +13,7 @@ import optuna
 import pandas as pd
 import pytest
 
-from conftest import STUDIES, chae as cli
+from conftest import STUDIES, chae as cli, chae_here
 
 CONTROL = STUDIES / "digits-control.yaml"
 
@@ -28,7 +28,7 @@ def finished(folder: Path) -> tuple[pd.DataFrame, pd.DataFrame, list]:
 
 
 @pytest.mark.slow
-def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
+def test_adaptive_control_study_and_kill_9_mid_round(tmp_path, monkeypatch):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
     # The uninterrupted reference and the run to be killed go side by side, one torch thread each
@@ -42,7 +42,10 @@ def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
     assert victim.poll() is None, victim.communicate()[0]
     os.killpg(victim.pid, signal.SIGKILL)
     victim.wait()
-    rerun = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=killed)
+    # the rerun goes in this process (no interpreter to start) while the reference trains on
+    monkeypatch.chdir(killed)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rerun = chae_here("run", str(CONTROL), "--no-progress", "--threads", "1")
     out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
 
@@ -63,8 +66,7 @@ def test_adaptive_control_study_and_kill_9_mid_round(tmp_path):
     assert parent.data.tags["verdict.lr_too_small"] == "worse"
     assert parent.data.metrics["diff_low.lr_too_small"] > 0
 
-    out, _ = rerun.communicate(timeout=900)
-    assert rerun.returncode == 0, out
+    assert rerun.exit_code == 0, rerun.output
     if summary.loc["depth1", "n_needed"] == 3:
         pytest.skip("depth1 was decided at the first look, so there was no second round to interrupt")
     assert len(list(checkpoints.glob("*/last.pt"))) == len(trials)

@@ -18,7 +18,7 @@ from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study
 from chae_ablate.train import NullTracker, train_cell
 
-from conftest import STUDIES, slow_study, chae as cli
+from conftest import STUDIES, slow_study, chae as cli, chae_here
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 
@@ -129,7 +129,7 @@ def final_metrics(cwd: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
+def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path, monkeypatch):
     (tmp_path / "s.yaml").write_text(SLOW_STUDY)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     straight.mkdir(), killed.mkdir()
@@ -150,8 +150,10 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path):
         study_name="killme", storage=f"sqlite:///{killed}/runs/optuna.db").get_trials()
         if t.state == optuna.trial.TrialState.RUNNING]
 
-    out, _ = cli("run", "../s.yaml", "--no-report", "--device", "cpu", "--threads", "1", cwd=killed).communicate(timeout=600)
-    assert "done" in out, out
+    monkeypatch.chdir(killed)  # the rerun goes in this process: no interpreter to start
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    rerun = chae_here("run", "../s.yaml", "--no-report", "--device", "cpu", "--threads", "1")
+    assert rerun.exit_code == 0 and "done" in rerun.output, rerun.output
     ref_out, _ = reference.communicate(timeout=600)
     assert reference.returncode == 0, ref_out
 
