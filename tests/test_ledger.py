@@ -19,6 +19,7 @@ from chae_ablate.ledger.storage import JournalRepaired, internals
 from chae_ablate.records import CellState, PlannedCell
 from chae_ablate.study import load_study
 
+from claimer import claim_all
 from conftest import STUDIES
 
 STORAGES = {"sqlite": lambda tmp: f"sqlite:///{tmp / 'o.db'}", "journal": lambda tmp: f"journal:{tmp / 'o.journal'}"}
@@ -323,13 +324,6 @@ def test_a_journal_damaged_inside_is_one_line_naming_the_file(tmp_path):
         open_ledger(study.name, f"journal:{path}").records()
 
 
-def _claim_all(url: str, out) -> None:
-    study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
-    ledger = open_ledger(study.name, url)
-    while (claim := ledger.claim(hashes(study))) is not None:
-        out.put(claim.number)
-
-
 @storages
 def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path, make_url):
     """sqlite ignores SELECT ... FOR UPDATE: without the writer lock two processes both read a
@@ -341,7 +335,7 @@ def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path, make_url):
     open_ledger(study.name, url).queue(planned(study))
     context = multiprocessing.get_context("spawn")
     out = context.Queue()
-    workers = [context.Process(target=_claim_all, args=(url, out)) for _ in range(4)]
+    workers = [context.Process(target=claim_all, args=(study.name, url, hashes(study), out)) for _ in range(4)]
     for w in workers:
         w.start()
     for w in workers:
