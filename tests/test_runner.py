@@ -18,7 +18,7 @@ from chae_ablate.runner import RunOptions, run_study
 from chae_ablate.study import load_study
 from chae_ablate.train import NullTracker, train_cell
 
-from conftest import STUDIES, slow_study, chae as cli, chae_here
+from conftest import STUDIES, slow_study, chae as cli, chae_here, undisturbed_metrics
 
 TINY = STUDIES / "synthetic-tiny.yaml"
 
@@ -179,24 +179,22 @@ def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path, mo
 
 
 @pytest.mark.slow
-def test_two_workers_on_one_storage_run_every_cell_once(workdir, monkeypatch):
+def test_two_workers_on_one_storage_run_every_cell_once(workdir):
     """The concurrent path (--workers N: N processes, on one GPU or dividing the CPU cores) gives
-    each cell the metrics it gets alone: same seeds, same data order and augmentation. Tolerance:
-    1e-5 relative, for reductions split over another number of threads."""
+    each cell the metrics it gets alone (conftest.undisturbed_metrics: the cell trained by itself in
+    this process): same seeds, same data order and augmentation. Tolerance: 1e-5 relative, for
+    reductions that may be split otherwise in another process."""
     study = load_study(TINY, {"protocol.seeds": [0, 1, 2]})
     run_study(study, RunOptions(progress=False, workers=2), report=False)
     _, _, cells = cell_runs("synthetic-tiny")
     assert len(cells) == 6 and all(r.info.status == "FINISHED" for r in cells)
     assert len({r.data.tags["cell_hash"] for r in cells}) == 6
-    (workdir / "alone").mkdir()
-    monkeypatch.chdir(workdir / "alone")
-    run_study(study, RunOptions(progress=False, workers=1), report=False)
-    _, _, alone = cell_runs("synthetic-tiny")
-    together = {r.data.tags["cell_hash"]: r.data.metrics for r in cells}
-    for run in alone:
+    alone = undisturbed_metrics(TINY, workdir / "alone", {"protocol.seeds": [0, 1, 2]})
+    for run in cells:
+        expected = alone[(run.data.tags["variant"], int(run.data.tags["seed"]))]
         for key in ("best_val_loss", "best_epoch", "test_loss", "test_acc"):
-            assert together[run.data.tags["cell_hash"]][key] == pytest.approx(run.data.metrics[key], rel=1e-5), key
-    trials = complete_trials(study, Path("runs"))
+            assert run.data.metrics[key] == pytest.approx(expected[key], rel=1e-5), key
+    trials = complete_trials(study, Path("runs"))  # the two workers' ledger: every cell once
     assert sorted(t.user_attrs["cell_hash"] for t in trials) == sorted(c.cell_hash for c in study.cells())
 
 
