@@ -152,8 +152,8 @@ class LedgerStatus:
     @property
     def kept_apart(self) -> dict[str, int]:
         """Cells of other versions of the study in the ledger, per state (never counted)."""
-        states = pd.Series([str(r.state) for r in self.standing.earlier], dtype=str)
-        return {state: int(n) for state, n in states.value_counts().items()}
+        states = [r.state for r in self.standing.earlier]
+        return {str(state): states.count(state) for state in CellState if state in states}  # in CellState's order
 
     def to_json(self) -> dict:
         return {"study": self.study, "cells": json_rows(self.cells), "counts": self.counts,
