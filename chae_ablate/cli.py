@@ -16,7 +16,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import ChaeError
+from .errors import ChaeError, exit_on_signal
 from .metrics import RANKING, Metric
 from .options import RUN_DEFAULTS, SLURM_DEFAULTS, RunOptions, SlurmOptions
 from .records import CellState
@@ -330,10 +330,6 @@ def data_check(root: Annotated[Path, typer.Argument(help="A class-per-folder ima
         raise ChaeError(f"{root}: {len(checked.problems)} problem(s) would stop a study from using it (listed above)")
 
 
-def _terminated(signum, frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def _warning_line(message, category, filename, lineno, line=None) -> str:
     """The project's own warnings (a checkpoint moved aside, a journal repaired) as one line."""
     if category.__module__.startswith("chae_ablate."):
@@ -346,6 +342,6 @@ _python_warning = warnings.formatwarning
 
 def main() -> None:
     # SIGTERM (kill, a scheduler ending a job) stops like Ctrl-C: a held cell goes back to the queue
-    signal.signal(signal.SIGTERM, _terminated)
+    signal.signal(signal.SIGTERM, exit_on_signal)
     warnings.formatwarning = _warning_line
     app()

@@ -1,5 +1,5 @@
-"""The one domain exception (the CLI prints its message as one red line and exits 1), and a
-retry for errors the caller knows to be transient."""
+"""The one domain exception (the CLI prints its message as one red line and exits 1), a retry for
+errors the caller knows to be transient, and the handler that makes a signal stop like Ctrl-C."""
 from __future__ import annotations
 
 import time
@@ -33,3 +33,9 @@ def retrying(call, *args, transient, attempts: int = 5, within_s: float | None =
                 raise
         time.sleep(delay)
         delay, attempt = min(delay * 2, max_delay_s), attempt + 1
+
+
+def exit_on_signal(signum, frame) -> None:
+    """A signal handler (SIGTERM: kill, a scheduler ending a job) that stops like Ctrl-C: a
+    SystemExit(128 + signal) unwinds the stack, so a held cell or trial is handed back first."""
+    raise SystemExit(128 + signum)

@@ -125,25 +125,26 @@ def n_epochs(table: pd.DataFrame, epochs: pd.DataFrame) -> int | None:
 
 # ---------------------------------------------------------------- text
 
-def _num(x: float, spec: str = ".3f") -> str:
+def number_text(x: float, spec: str = ".3f") -> str:
+    """A number as every report shows it: `spec`, or '–' when missing or not finite."""
     return format(x, spec) if x is not None and np.isfinite(x) else "–"
 
 
 def _pct(values: pd.Series) -> list[str]:
-    return [_num(100 * x, ".1f") for x in values]
+    return [number_text(100 * x, ".1f") for x in values]
 
 
 def _mean_sd(mean: float, sd: float, n: int) -> str:
-    return f"{_num(mean)} ± {_num(sd)}" if n >= 2 else _num(mean)
+    return f"{number_text(mean)} ± {number_text(sd)}" if n >= 2 else number_text(mean)
 
 
 def _interval(low: float, high: float, spec: str = "+.3f") -> str:
-    return f"[{_num(low, spec)}, {_num(high, spec)}]" if np.isfinite(low) else "–"
+    return f"[{number_text(low, spec)}, {number_text(high, spec)}]" if np.isfinite(low) else "–"
 
 
 def _at_level(low: float, high: float, level: float) -> str:
     """An interval with its confidence, e.g. '[-0.0100, +0.0200] at 99.95%' (levels differ by look)."""
-    return f"{_interval(low, high, '+.4f')} at {_num(100 * level, '.2f')}%" if np.isfinite(low) else "–"
+    return f"{_interval(low, high, '+.4f')} at {number_text(100 * level, '.2f')}%" if np.isfinite(low) else "–"
 
 
 def _seeds(r: Any) -> str:
@@ -152,7 +153,7 @@ def _seeds(r: Any) -> str:
 
 
 def _diff_text(r: Any) -> str:
-    return (f"`{r.variant}` {_num(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)} "
+    return (f"`{r.variant}` {number_text(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)} "
             f"(n={r.n_pairs:.0f})")
 
 
@@ -161,7 +162,7 @@ def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcom
     text = (f"The paper claims that none of its architecture changes beat the baseline at {PAPER_EPOCHS} "
             f"epochs{f' (this study trained {epochs})' if epochs not in (None, PAPER_EPOCHS) else ''}. "
             f"Claims like this are equivalence claims: a change that moves {analysis.metric} by less than the "
-            f"margin ({_num(standing.margin, '.4f')}) does not matter.")
+            f"margin ({number_text(standing.margin, '.4f')}) does not matter.")
     others = summary[summary["variant"] != BASELINE]
     no_baseline = not (summary.loc[summary["variant"] == BASELINE, "n"] > 0).any()
     if no_baseline or others.empty:
@@ -200,7 +201,7 @@ def format_summary_table(summary: pd.DataFrame) -> str:
     rows = [("variant", "seeds", summary["metric"].iloc[0] if len(summary) else "metric",
              "difference [interval at its look's level]", "verdict")]
     rows += [(r.variant, _seeds(r), _mean_sd(r.mean, r.sd, r.n),
-              "" if r.variant == BASELINE else f"{_num(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)}",
+              "" if r.variant == BASELINE else f"{number_text(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)}",
               r.verdict) for r in summary.itertuples()]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
@@ -221,12 +222,12 @@ def verdict_table(summary: pd.DataFrame) -> pd.DataFrame:
         "variant": summary["variant"], "change": summary["description"],
         "seeds": [_seeds(r) for r in summary.itertuples()],
         f"{summary['metric'].iloc[0]} (mean ± sd)": [_mean_sd(r.mean, r.sd, r.n) for r in summary.itertuples()],
-        "difference": [_num(d, "+.4f") for d in summary["diff"]],
+        "difference": [number_text(d, "+.4f") for d in summary["diff"]],
         "interval (better/worse)": [_at_level(r.diff_low, r.diff_high, r.level) for r in summary.itertuples()],
         "equivalence interval": [_at_level(r.eq_low, r.eq_high, 1 - 2 * (1 - r.level)) for r in summary.itertuples()],
         "noise": [f"{r.variance} (df {r.df:.0f})" if r.variance else "–" for r in summary.itertuples()],
         "bootstrap check": [_interval(lo, hi, "+.4f") for lo, hi in zip(summary["boot_low"], summary["boot_high"])],
-        "seeds better": [_num(100 * x, ".0f") + ("%" if np.isfinite(x) else "") for x in summary["share_better"]],
+        "seeds better": [number_text(100 * x, ".0f") + ("%" if np.isfinite(x) else "") for x in summary["share_better"]],
         "verdict": summary["verdict"],
         "seeds needed": [_needed(r) for r in summary.itertuples()]})
 
@@ -257,30 +258,30 @@ def _seeds_table(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outc
     return table, (f"Adaptive seeding: looks at {', '.join(map(str, planned_looks(analysis, 0)))} seeds (K = {standing.n_looks}).{stopped} "
                    f"{used} cells ran, against {full} with {analysis.max_seeds} seeds everywhere: "
                    f"{full - used} cells saved ({(full - used) / full:.0%}), about "
-                   f"{_num((full - used) * per_cell / 60, '.1f')} minutes of training at this study's mean cell time.")
+                   f"{number_text((full - used) * per_cell / 60, '.1f')} minutes of training at this study's mean cell time.")
 
 
 def _cost_table(summary: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({
         "variant": summary["variant"], "n": summary["n"].astype(str),
-        "best val loss": [_num(x, ".4f") for x in summary[mean_of(Metric.BEST_VAL_LOSS)]],
-        "best epoch (mean)": [_num(x, ".1f") for x in summary[mean_of(Metric.BEST_EPOCH)]],
+        "best val loss": [number_text(x, ".4f") for x in summary[mean_of(Metric.BEST_VAL_LOSS)]],
+        "best epoch (mean)": [number_text(x, ".1f") for x in summary[mean_of(Metric.BEST_EPOCH)]],
         "val acc at best (%)": _pct(summary[mean_of(Metric.VAL_ACC_AT_BEST)]),
-        "test loss": [_num(x) for x in summary[mean_of(Metric.TEST_LOSS)]],
+        "test loss": [number_text(x) for x in summary[mean_of(Metric.TEST_LOSS)]],
         "test acc (%)": _pct(summary[mean_of(Metric.TEST_ACC)]),
-        "params": [_num(x, ",.0f") for x in summary[Metric.N_PARAMS]],
-        "MFLOPs/image": [_num(x, ".1f") for x in summary[Metric.MFLOPS]],
-        "resolution": [_num(x, ".0f") for x in summary["resolution"]],
-        "train images/s": [_num(x, ".0f") for x in summary[mean_of(Metric.IMAGES_PER_S)]],
-        "wall time (min)": [_num(x / 60, ".1f") for x in summary[mean_of(Metric.WALL_TIME_S)]]})
+        "params": [number_text(x, ",.0f") for x in summary[Metric.N_PARAMS]],
+        "MFLOPs/image": [number_text(x, ".1f") for x in summary[Metric.MFLOPS]],
+        "resolution": [number_text(x, ".0f") for x in summary["resolution"]],
+        "train images/s": [number_text(x, ".0f") for x in summary[mean_of(Metric.IMAGES_PER_S)]],
+        "wall time (min)": [number_text(x / 60, ".1f") for x in summary[mean_of(Metric.WALL_TIME_S)]]})
 
 
 def _cells_table(table: pd.DataFrame, metric: str) -> pd.DataFrame:
     return pd.DataFrame({
         "variant": table["variant"], "seed": table["seed"].astype(str), "status": table["status"],
-        metric: [_num(x, ".4f") for x in table[metric]],
-        "difference vs baseline (same seed)": [_num(x, "+.4f") for x in table["diff_vs_baseline"]],
-        "best epoch": [_num(x, ".0f") for x in table[Metric.BEST_EPOCH]],
+        metric: [number_text(x, ".4f") for x in table[metric]],
+        "difference vs baseline (same seed)": [number_text(x, "+.4f") for x in table["diff_vs_baseline"]],
+        "best epoch": [number_text(x, ".0f") for x in table[Metric.BEST_EPOCH]],
         "test acc (%)": _pct(table[Metric.TEST_ACC]), "cell": table["cell_hash"]})
 
 
@@ -335,9 +336,9 @@ def analysis_note(plan: Plan, known: list[Version]) -> str:
 
 def _settings(analysis: AnalysisConfig, standing: Outcome) -> str:
     direction = "lower" if LOWER_IS_BETTER[analysis.metric] else "higher"
-    margin = (f"{analysis.margin:.0%} of the baseline's mean = {_num(standing.margin, '.4f')} (tested per seed "
+    margin = (f"{analysis.margin:.0%} of the baseline's mean = {number_text(standing.margin, '.4f')} (tested per seed "
               f"against (1 ± {analysis.margin:g}) × the baseline, so the baseline's own noise counts)"
-              if analysis.relative else _num(standing.margin, ".4f"))
+              if analysis.relative else number_text(standing.margin, ".4f"))
     seeds = (f"adaptive, {analysis.min_seeds} to {analysis.max_seeds} seeds" if analysis.adaptive else "fixed seeds")
     split = (" Each seed draws its own train/val/test split (analysis.vary_split), so the intervals include "
              "split noise." if analysis.vary_split else " Every cell uses the same split.")

@@ -32,7 +32,7 @@ from . import versions
 from . import stats
 from .analysis import outcome
 from .config import to_dict
-from .errors import ChaeError, ConfigError
+from .errors import ChaeError, ConfigError, exit_on_signal
 from .ledger import (DESCRIBED_AT, OVER_BUDGET, REJECTED, SearchLedger, SearchTrial, TakenOver, delete_study,
                      search_settings, study_names)
 from .metrics import RANKING
@@ -234,7 +234,7 @@ def _search_children(study: Study, options: RunOptions, curve: dict[int, float],
 
 def _search_child(study: Study, options: RunOptions, curve: dict[int, float], margin: float, budget: int,
                   index: int) -> None:
-    signal.signal(signal.SIGTERM, _terminated)  # a stop hands the held trial back, as in the parent
+    signal.signal(signal.SIGTERM, exit_on_signal)  # a stop hands the held trial back, as in the parent
     device = child_device(options, index)
     set_threads(options, options.workers)
     options = replace(options, progress=False)
@@ -244,10 +244,6 @@ def _search_child(study: Study, options: RunOptions, curve: dict[int, float], ma
         Searcher(study, base, options, device, open_session(base, options), ledger, budget).run()
     except KeyboardInterrupt:
         raise SystemExit(128 + signal.SIGINT) from None  # the parent says what stopped; no traceback here
-
-
-def _terminated(signum, frame) -> None:
-    raise SystemExit(128 + signum)
 
 
 class Searcher:

@@ -28,7 +28,7 @@ from .files import atomic_write_text, inside
 from .ledger import OVER_BUDGET, PRUNERS, REJECTED
 from .records import CellState
 from .render import Block, render_html, render_markdown
-from .report import _num as num, read_summary, verdict_table
+from .report import number_text as num, read_summary, verdict_table
 
 STATE_COLOURS = {CellState.DONE: "tab:blue", CellState.PRUNED: "tab:orange", CellState.FAILED: "tab:red",
                  REJECTED: "tab:gray"}

@@ -174,17 +174,19 @@ class SearchLedger(ClaimedStudy):
 
     def release(self, trial: SearchTrial, why: str) -> None:
         """Hand a held trial back to the queue at once (ClaimedStudy.release_trial)."""
-        held, holder = self._held.pop(trial.number)
-        self.release_trial(internals(self.study, held)[1], holder, why)
+        self._release_held(trial.number, why)
 
     def release_all(self, why: str) -> list[int]:
         """Hand back every trial this worker still holds (one asked but not yet training when the
         worker was stopped); the numbers handed back."""
         numbers = list(self._held)
         for number in numbers:
-            held, holder = self._held.pop(number)
-            self.release_trial(internals(self.study, held)[1], holder, why)
+            self._release_held(number, why)
         return numbers
+
+    def _release_held(self, number: int, why: str) -> None:
+        held, holder = self._held.pop(number)
+        self.release_trial(internals(self.study, held)[1], holder, why)
 
     def reported_epochs(self, trial: SearchTrial) -> set[int]:
         return set(self._frozen(self._held[trial.number][0]).intermediate_values)
