@@ -334,8 +334,9 @@ def test_processes_claiming_at_once_never_win_the_same_cell(tmp_path, make_url):
     study = load_study(STUDIES / "synthetic-tiny.yaml", {"protocol.seeds": list(range(30))})
     open_ledger(study.name, url).queue(planned(study))
     context = multiprocessing.get_context("spawn")
-    out = context.Queue()
-    workers = [context.Process(target=claim_all, args=(study.name, url, hashes(study), out)) for _ in range(4)]
+    out, all_done = context.Queue(), context.Barrier(4)
+    workers = [context.Process(target=claim_all, args=(study.name, url, hashes(study), out, all_done))
+               for _ in range(4)]
     for w in workers:
         w.start()
     for w in workers:
