@@ -30,7 +30,7 @@ from chae_ablate.config import DataConfig
 from chae_ablate.data import assign_splits
 from chae_ablate.images import scan_folder
 from chae_ablate.errors import ChaeError
-from chae_ablate.model import forward_flops
+from chae_ablate.builders import forward_flops
 from chae_ablate.plan import expected_classes
 from chae_ablate.study import Study, load_study, parse_assignments
 from chae_ablate.train import autocast_for, make_optimizer, pick_device, setup_model, train_step

@@ -15,7 +15,7 @@ that stage:
      did not finish is projected from its epochs (first + (20 - 1) x median later epoch);
   4. benchmarks/throughput.py --device cuda --res 256 384 on the same images;
   5. paper11's minutes for 1 and 3 seeds: measured cells as measured, the other variants as the
-     baseline's time x their forward-FLOP ratio (chae_ablate.model.forward_flops), divided by the
+     baseline's time x their forward-FLOP ratio (chae_ablate.builders.forward_flops), divided by the
      measured gain of concurrent processes.
 GPU utilisation and memory are sampled every 500 ms (nvidia-smi, else pynvml) through it all.
 Writes benchmarks/results/gpu-check-<device>[-dryrun].json (and copies to $OUT when set).
@@ -51,7 +51,7 @@ from chae_ablate.config import ExperimentConfig  # noqa: E402
 from chae_ablate.data import load_dataset  # noqa: E402
 from chae_ablate.sources import render_synthetic  # noqa: E402
 from chae_ablate.errors import ChaeError  # noqa: E402
-from chae_ablate.model import forward_flops  # noqa: E402
+from chae_ablate.builders import forward_flops  # noqa: E402
 from chae_ablate.study import load_study  # noqa: E402
 from chae_ablate.train import NullTracker, pick_device, train_cell  # noqa: E402
 

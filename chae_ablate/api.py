@@ -61,8 +61,9 @@ class StudyResults:
         return self.study.name
 
     def plan(self) -> pd.DataFrame:
-        """One row per variant: variant, changes, resolution, tokens, params, mflops (per image,
-        forward), seeds; costs counted on the meta device (nothing allocated, nothing trained)."""
+        """One row per variant: variant, changes, resolution, tokens (CHAE's; NaN for other builders),
+        params, mflops (per image, forward), memory_mb (one training step, estimated), seeds; costs
+        counted on the meta device (nothing allocated, nothing trained)."""
         return self.study_plan().table
 
     def study_plan(self) -> StudyPlan:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import difflib
+import json
 import math
 import re
 import types
@@ -129,6 +130,39 @@ class ModelConfig:
         return self.grid**2 + 1
 
 
+CHAE = "chae"  # model.builder of the paper's model (builders.py has the others)
+
+
+@dataclass(frozen=True, eq=False)
+class OtherModel:
+    """A model from another builder than CHAE (builders.py): its knobs are the builder's keyword
+    arguments, model.kwargs.NAME; the builder's own signature says which names it accepts."""
+
+    builder: str  # timm:NAME | module:function (module.py beside the study, or an importable module)
+    resolution: int = 256  # input images are resolution x resolution x 3 (passed to the builder)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the builder's keyword arguments: the knobs
+    source_sha: str = ""  # set when the study is loaded: sha256 of a user builder's file (in the cell hash)
+    source_file: str = ""  # set when the study is loaded: where this machine found that file (not hashed)
+
+    def check(self) -> list[tuple[str, str]]:
+        errors = positive(self, "resolution") + at_most(self, resolution=2048)
+        if not isinstance(self.kwargs, dict):
+            errors.append(("kwargs", f"expected a mapping of argument -> value, got {describe(self.kwargs)}"))
+        else:
+            errors += [(f"kwargs.{key_text(k)}", "expected an argument name") for k in self.kwargs
+                       if not (isinstance(k, str) and k.isidentifier())]
+        return errors
+
+    def _key(self) -> str:  # kwargs may hold lists: the config is compared and hashed by its JSON
+        return json.dumps(to_dict(self), sort_keys=True, default=repr)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, OtherModel) and self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
 @dataclass(frozen=True)
 class AugmentConfig:
     copies: int = 4  # augmented copies of each training image per epoch, plus the original (0 = off)
@@ -238,7 +272,7 @@ class ExperimentConfig:
     """Everything one training run depends on."""
 
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig | OtherModel = field(default_factory=ModelConfig)  # CHAE's knobs, or another builder's
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
 
 
@@ -283,6 +317,8 @@ def to_dict(config: Any) -> Any:
         return {f.name: to_dict(getattr(config, f.name)) for f in dataclasses.fields(config)}
     if isinstance(config, (list, tuple)):
         return [to_dict(v) for v in config]
+    if isinstance(config, dict):
+        return {k: to_dict(v) for k, v in config.items()}
     return config
 
 
@@ -321,6 +357,32 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
     for key, message in getattr(config, "check", list)():
         raise ConfigError(f"{_join(path, key)}: {message}")
     return config
+
+
+def parse_model(value: Any, path: str) -> ModelConfig | OtherModel:
+    """A model section: `builder: chae` (or none) is the CHAE config, anything else another builder's."""
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {describe(value)}")
+    builder = value.get("builder", CHAE)
+    if builder == CHAE:
+        return parse(ModelConfig, {k: v for k, v in value.items() if k != "builder"}, path)
+    if not isinstance(builder, str):
+        raise ConfigError(f"{path}.builder: expected text such as chae, timm:resnet18 or mymodel:build, "
+                          f"got {describe(builder)}")
+    for key in value:
+        if key in CHAE_KNOBS:
+            raise ConfigError(f"{path}.{key}: a knob of the chae builder; {short(builder)} takes its knobs as "
+                              f"{path}.kwargs.NAME")
+    return parse(OtherModel, value, path)
+
+
+CHAE_KNOBS = ("conv", "transformer", "activation")  # ModelConfig's fields that only CHAE has
+
+
+def model_defaults(builder: str) -> dict:
+    """A model section's plain data before a study's settings: CHAE's paper baseline, or for another
+    builder its name and no kwargs (the builder's own defaults)."""
+    return to_dict(ModelConfig()) if builder == CHAE else to_dict(OtherModel(builder))
 
 
 # Keys that moved, and where to: a one-line migration error instead of a bare "unknown key".
@@ -367,6 +429,8 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return parse(hint, value, path)
+    if OtherModel in args:  # model: CHAE's typed knobs, or another builder's kwargs
+        return parse_model(value, path)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

@@ -8,7 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ACTIVATIONS, POOLS, ConvConfig, ModelConfig, TransformerConfig
 
@@ -99,27 +98,3 @@ class CHAE(nn.Module):
 def build_model(config: ModelConfig, num_classes: int) -> CHAE:
     """The CHAE network for a validated config."""
     return CHAE(config, num_classes)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def forward_flops(config: ModelConfig, num_classes: int) -> int:
-    """Forward FLOPs for one image (a multiply-add counts as 2), from torch's flop counter.
-
-    Counted on the meta device: no memory is allocated whatever the size, and attention runs as
-    the math path's two batched matmuls, which the counter sees (the CPU's fused attention kernel
-    is not counted by torch's FlopCounterMode, so a CPU count misses attention entirely)."""
-    with torch.device("meta"):
-        model = build_model(config, num_classes).eval()
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(torch.zeros(1, 3, config.resolution, config.resolution))
-    return int(counter.get_total_flops())
-
-
-def parameter_count(config: ModelConfig, num_classes: int) -> int:
-    """Trainable parameters of the network a config builds, without allocating it (meta device)."""
-    with torch.device("meta"):
-        return count_parameters(build_model(config, num_classes))

@@ -1,7 +1,8 @@
 """The study plan: every cell's shape and cost, computed without training or allocating a model.
 
-Costs come from the meta device (~0.1 s a model, whatever its size), once per distinct model:
-a 999-variant study plans in under two minutes, with a progress bar on a terminal.
+Costs come from the meta device (~0.1 s a model, whatever its size, for every builder), once per
+distinct model and protocol: a 999-variant study plans in under two minutes, with a progress bar
+on a terminal.
 """
 from __future__ import annotations
 
@@ -15,9 +16,9 @@ from tqdm import tqdm
 
 from . import stats, tracking
 from .analysis import last_look_level, minutes_per_cell, outcome
-from .config import DataConfig, ModelConfig
+from .builders import failing_as, forward_flops, parameter_count, training_memory
+from .config import DataConfig, ExperimentConfig, ModelConfig
 from .errors import ChaeError
-from .model import forward_flops, parameter_count
 from .records import BASELINE
 from .render import json_rows
 from .sources import SOURCES
@@ -31,9 +32,20 @@ def expected_classes(data: DataConfig) -> tuple[int, str]:
     return SOURCES[data.source].classes(data)
 
 
-def model_cost(model: ModelConfig, num_classes: int) -> tuple[int, float]:
-    """Trainable parameters and forward MFLOPs per image, both counted on the meta device."""
-    return parameter_count(model, num_classes), forward_flops(model, num_classes) / 1e6
+@dataclass(frozen=True)
+class ModelCost:
+    params: int  # trainable parameters
+    mflops: float  # forward MFLOPs per image
+    memory_mb: float  # one training step's weights, gradients, optimizer state and saved activations (estimate)
+
+
+def model_cost(config: ExperimentConfig, num_classes: int, variant: str = BASELINE) -> ModelCost:
+    """What a cell's network costs, counted on the meta device (nothing allocated); a builder that
+    fails is a one-line ChaeError naming the variant."""
+    m, p = config.model, config.protocol
+    with failing_as(m, variant):
+        return ModelCost(parameter_count(m, num_classes), forward_flops(m, num_classes) / 1e6,
+                         training_memory(m, num_classes, p.batch_size, p.optimizer) / 2**20)
 
 
 @dataclass(frozen=True)
@@ -41,7 +53,7 @@ class StudyPlan:
     """What a study will train, before anything is trained (`plan`, `plan --json`, the API)."""
 
     study: str
-    table: pd.DataFrame  # one row per variant: variant, changes, resolution, tokens, params, mflops, seeds
+    table: pd.DataFrame  # one row per variant: variant, changes, resolution, tokens, params, mflops, memory_mb, seeds
     cells: tuple[int, int]  # cells it will train: fewest and most (equal unless seeds are adaptive)
     epochs: int
     classes: int
@@ -61,18 +73,22 @@ class StudyPlan:
 
 
 def study_plan(study: Study) -> StudyPlan:
-    """Every variant's shape and cost (params, MFLOPs per image, tokens) and the cells to train."""
+    """Every variant's shape and cost (params, MFLOPs per image, training memory, CHAE's tokens) and
+    the cells to train."""
     num_classes, origin = expected_classes(study.baseline.config.data)
-    costs: dict[ModelConfig, tuple[int, float]] = {}  # variants that change only data or protocol share one
+    costs: dict[tuple, ModelCost] = {}  # variants that change only the data or the lr share one
     rows = []
     quiet = len(study.variants) <= PROGRESS_FROM or not sys.stderr.isatty()
     for v in tqdm(study.variants, desc=f"plan {study.name}", unit="variant", file=sys.stderr,
                   disable=quiet, leave=False):
-        m = v.config.model
-        if m not in costs:
-            costs[m] = model_cost(m, num_classes)
-        rows.append({"variant": v.name, "changes": changed_paths(v), "resolution": m.resolution, "tokens": m.tokens,
-                     "params": costs[m][0], "mflops": costs[m][1], "seeds": len(study.seeds(v))})
+        m, p = v.config.model, v.config.protocol
+        key = (m, p.batch_size, p.optimizer)
+        if key not in costs:
+            costs[key] = model_cost(v.config, num_classes, v.name)
+        c = costs[key]
+        rows.append({"variant": v.name, "changes": changed_paths(v), "resolution": m.resolution,
+                     "tokens": m.tokens if isinstance(m, ModelConfig) else math.nan, "params": c.params,
+                     "mflops": c.mflops, "memory_mb": c.memory_mb, "seeds": len(study.seeds(v))})
     table = pd.DataFrame(rows)
     a = study.analysis
     if a.adaptive:
@@ -84,8 +100,10 @@ def study_plan(study: Study) -> StudyPlan:
 
 
 def format_plan(table: pd.DataFrame) -> str:
-    return table.rename(columns={"mflops": "MFLOPs/img"}).to_string(index=False, formatters={
-        "params": "{:,}".format, "MFLOPs/img": "{:,.1f}".format})
+    """The plan's table as text; tokens are "-" for models without them (not CHAE)."""
+    return table.rename(columns={"mflops": "MFLOPs/img", "memory_mb": "train MB (est.)"}).to_string(
+        index=False, na_rep="-", formatters={"params": "{:,}".format, "MFLOPs/img": "{:,.1f}".format,
+                                             "train MB (est.)": "{:,.0f}".format, "tokens": "{:.0f}".format})
 
 
 @dataclass(frozen=True)

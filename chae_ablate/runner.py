@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import tracking, versions
+from . import builders, tracking, versions
 from .analysis import Outcome, Plan, outcome
 from .config import DataConfig
 from .data import Dataset, load_dataset
@@ -271,6 +271,8 @@ def start_study(study: Study, options: RunOptions) -> StudySession:
     data = LoadedData(options.runs_dir, options.bars)
     for key in sorted({(v.config.data, v.config.model.resolution) for v in study.variants}, key=str):
         data.get(*key)  # builds each resolution's decode-once cache before any worker starts
+    for v in study.variants:  # a builder that fails fails here, naming the variant, not in every cell
+        builders.check_builds(v.config.model, len(data.get(v.config.data, v.config.model.resolution).classes), v.name)
     if options.fresh:
         forget(study.name, options)
         known = [], []

@@ -7,8 +7,9 @@ the rest of a study.
         model.conv.stages.0.kernel: {low: 3, high: 7, step: 2}   # int range (both bounds ints)
         protocol.lr: {low: 1.0e-4, high: 1.0e-2, log: true}     # float range, log scale
 
-A path must exist in the baseline (as for `set:`); a combination the builder rejects (heads not
-dividing dim, ...) is not an error here: the search records it as rejected, with its reason.
+A path must exist in the baseline (as for `set:`) or name an argument of the builder
+(model.kwargs.NAME); a combination the builder rejects (heads not dividing dim, ...) is not an
+error here: the search records it as rejected, with its reason.
 """
 from __future__ import annotations
 
@@ -85,6 +86,8 @@ def check_path(base: dict, path: Any, where: str) -> None:
     """`path` names an existing value of the baseline's plain data (a key, or a list index)."""
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}: expected a dotted path such as model.transformer.depth")
+    if path.startswith("model.kwargs.") and "kwargs" in base["model"]:
+        return  # another builder's argument, perhaps left at its default: its signature decides (study._search)
     node: Any = base
     for part in path.split("."):
         if isinstance(node, dict):

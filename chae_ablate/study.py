@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import builders
 from .analysis import Plan
-from .config import (AnalysisConfig, ExperimentConfig, did_you_mean, dotted, item_index, key_text, parse, short,
-                     to_dict)
+from .config import (CHAE, AnalysisConfig, ExperimentConfig, OtherModel, did_you_mean, dotted, item_index, key_text,
+                     model_defaults, parse, short, to_dict)
 from .errors import ConfigError
 from .records import BASELINE, PlannedCell, cell_label
 from .space import Knob, SearchConfig, parse_space
@@ -65,7 +66,12 @@ class Study:
 
     def config_with(self, overrides: dict[str, Any], where: str = "trial") -> ExperimentConfig:
         """The baseline with dotted-path overrides, validated (ConfigError when the builder rejects it)."""
-        return parse(ExperimentConfig, with_overrides(self.base_data, overrides, where), where)
+        return experiment(with_overrides(self.base_data, overrides, where), where, self.home)
+
+    @property
+    def home(self) -> Path | None:
+        """The study file's folder, where a user's model builder is looked for first."""
+        return self.source.resolve().parent if self.source else None
 
     @property
     def baseline(self) -> Variant:
@@ -112,14 +118,23 @@ def seed_sequence(first: Sequence[int], length: int) -> list[int]:
 
 
 def config_key(config: ExperimentConfig) -> dict:
-    """What makes two configs train the same cell for a given seed: everything but the seed list.
+    """What makes two configs train the same cell for a given seed: everything but the seed list
+    (and where this machine found a builder's file: its content, source_sha, is the identity).
 
-    The layout is frozen as it was first hashed (augmentation under data), so ledgers and
-    checkpoints written by earlier versions keep their cells."""
+    The layout is frozen as it was first hashed (augmentation under data, CHAE's model section
+    without a builder key), so ledgers and checkpoints written by earlier versions keep their cells."""
     data = to_dict(config)
     del data["protocol"]["seeds"]  # a cell's identity is its own seed, not the study's list
     data["data"]["augment"] = data["protocol"].pop("augment")
+    data["model"].pop("source_file", None)
     return data
+
+
+def experiment(data: dict, where: str, home: Path | None) -> ExperimentConfig:
+    """Plain data as a validated config whose model is checked against its builder (a user
+    builder's file found, hashed and loaded from `home`, the study's folder, first)."""
+    config = parse(ExperimentConfig, data, where)
+    return replace(config, model=builders.bind(config.model, home, where))
 
 
 def cell_hash(config: ExperimentConfig, seed: int) -> str:
@@ -142,6 +157,8 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
             raise ConfigError(f"{key_text(key)}: unknown key{did_you_mean(str(key), STUDY_KEYS)}")
     name = check_name(raw.get("name"), "name: ")
     base = to_dict(ExperimentConfig())
+    if isinstance(raw.get("model"), dict) and raw["model"].get("builder", CHAE) != CHAE:
+        base["model"] = model_defaults(raw["model"]["builder"])  # another builder: none of CHAE's knobs
     for section in ("data", "model", "protocol"):
         if raw.get(section) is not None:  # a copy: --set must not write through YAML aliases into variants
             base[section] = deep_merge(base[section], copy.deepcopy(raw[section]))
@@ -151,7 +168,8 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
             set_dotted(analysis, path.removeprefix("analysis."), value, prefix="analysis.")
         else:
             set_dotted(base, path, value)
-    variants = [Variant(BASELINE, "the paper's baseline", {}, parse(ExperimentConfig, base))]
+    home = source.resolve().parent if source else None
+    variants = [Variant(BASELINE, "the paper's baseline", {}, experiment(base, "", home))]
     raw_variants = raw.get("variants") or {}
     if not isinstance(raw_variants, dict):
         raise ConfigError("variants: expected a mapping of name -> {description, set}")
@@ -159,25 +177,35 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
         raise ConfigError(f"variants: {len(raw_variants):,} variants; at most {MAX_VARIANTS - 1:,} are "
                           "supported in one study (split it into several)")
     for vname, spec in raw_variants.items():
-        variants.append(_variant(vname, spec, base))
+        variants.append(_variant(vname, spec, base, home))
     _refuse_same_names(variants)
     _refuse_identical(variants)
     analysis_config = parse(AnalysisConfig, analysis, "analysis")
     if analysis_config.adaptive:
         _refuse_own_seeds(variants)
-    search, space = _search(raw.get("search"), base)
+    search, space = _search(raw.get("search"), base, home)
     return Study(name, _text(raw.get("description", ""), "description"), tuple(variants), source, analysis_config,
                  search, space, base)
 
 
-def _search(raw: Any, base: dict) -> tuple[SearchConfig | None, tuple[Knob, ...]]:
-    """The search: section, if any: its settings and its space."""
+def _search(raw: Any, base: dict, home: Path | None) -> tuple[SearchConfig | None, tuple[Knob, ...]]:
+    """The search: section, if any: its settings and its space (a knob of a builder's kwargs is
+    checked against the builder's signature here, not found rejected in every trial)."""
     if raw is None:
         return None, ()
     if not isinstance(raw, dict):
         raise ConfigError(f"search: expected a mapping with a space: and settings, got {short(raw)}")
     settings = {k: v for k, v in raw.items() if k != "space"}
-    return parse(SearchConfig, settings, "search"), parse_space(raw.get("space"), base)
+    space = parse_space(raw.get("space"), base)
+    for knob in space:
+        if knob.path.startswith(KWARGS):
+            names = {knob.path.removeprefix(KWARGS).split(".")[0]: None}
+            model = parse(OtherModel, {**base["model"], "kwargs": names}, "search.space.model")
+            builders.bind(model, home, "search.space")
+    return parse(SearchConfig, settings, "search"), space
+
+
+KWARGS = "model.kwargs."  # where a non-CHAE builder's knobs live
 
 
 def _refuse_own_seeds(variants: list[Variant]) -> None:
@@ -195,7 +223,7 @@ def check_name(name: Any, where: str = "") -> str:
     return name
 
 
-def _variant(name: Any, spec: Any, base: dict) -> Variant:
+def _variant(name: Any, spec: Any, base: dict, home: Path | None) -> Variant:
     where = f"variants.{key_text(name)}"
     if not isinstance(name, (str, int)) or isinstance(name, bool) or not NAME_RULE.fullmatch(str(name)):
         raise ConfigError(f"{where}: not a variant name; use {NAME_HELP}")
@@ -209,7 +237,7 @@ def _variant(name: Any, spec: Any, base: dict) -> Variant:
             raise ConfigError(f"{where}.{key_text(key)}: unknown key{did_you_mean(str(key), VARIANT_KEYS)}")
     resolved = with_overrides(base, spec["set"], where)
     _refuse_overlaps(list(spec["set"]), f"{where}.set")
-    config = parse(ExperimentConfig, resolved, where)
+    config = experiment(resolved, where, home)
     return Variant(name, _text(spec.get("description", ""), f"{where}.description"), dict(spec["set"]), config)
 
 
@@ -277,6 +305,8 @@ def set_dotted(tree: dict, path: Any, value: Any, prefix: str = "") -> None:
             part = item_index(part, node, here(i + 1))
         elif not isinstance(node, dict):
             raise ConfigError(f"{here(i + 1)}: {here(i)} is a value, not a mapping")
+        if path == "model.builder" and isinstance(node.get("model"), dict) and i == 0:
+            _switch_builder(node, value)
         if i == len(parts) - 1:
             old = node[part] if isinstance(node, list) else node.get(part)
             node[part] = deep_merge(old, copy.deepcopy(value)) if isinstance(old, dict) else copy.deepcopy(value)
@@ -284,6 +314,14 @@ def set_dotted(tree: dict, path: Any, value: Any, prefix: str = "") -> None:
             node = node.setdefault(part, {})
         else:
             node = node[part]
+
+
+def _switch_builder(tree: dict, builder: Any) -> None:
+    """A variant (or --set) that names another builder starts from that builder's defaults: none of
+    the other's knobs carry over, only the input resolution."""
+    model = tree["model"]
+    if isinstance(builder, str) and builder != model.get("builder", CHAE):
+        tree["model"] = {**model_defaults(builder), "resolution": model.get("resolution", 256)}
 
 
 def parse_assignments(pairs: list[str]) -> dict[str, Any]:

@@ -101,16 +101,17 @@ def test_figures_are_the_reports_as_matplotlib_figures(ran, elsewhere):
 
 
 def test_plan_rows_and_plan_json_agree(ran):
-    from chae_ablate.model import build_model, count_parameters
+    from chae_ablate.builders import count_parameters
+    from chae_ablate.model import build_model
     study = chae_ablate.load(TINY, folder=ran)
     plan = study.plan()
     assert list(plan["variant"]) == ["baseline", "depth2"] and list(plan.columns) == [
-        "variant", "changes", "resolution", "tokens", "params", "mflops", "seeds"]
+        "variant", "changes", "resolution", "tokens", "params", "mflops", "memory_mb", "seeds"]
     assert plan["params"][0] == count_parameters(build_model(study.study.baseline.config.model, 3))
     result = runner.invoke(app, ["plan", str(TINY), "--json"])
     assert result.exit_code == 0, result.output
     data = strict(result.stdout)
-    assert data["variants"] == json.loads(plan.to_json(orient="records"))
+    assert data["variants"] == json.loads(plan.to_json(orient="records", double_precision=15))
     assert (data["cells_min"], data["cells_max"], data["epochs"], data["classes"]) == (4, 4, 2, 3)
     assert data["spread_from"] is None
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from chae_ablate.config import ConvConfig, ConvStage, ModelConfig, TransformerConfig
-from chae_ablate.model import build_model, count_parameters, forward_flops
+from chae_ablate.builders import count_parameters, forward_flops
+from chae_ablate.model import build_model
 from chae_ablate.study import load_study
 
 from conftest import STUDIES

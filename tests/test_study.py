@@ -272,11 +272,12 @@ def test_plan_costs_each_distinct_model_once(monkeypatch):
     """A 999-row study whose variants change only the protocol builds two models, not 999; the
     meta-device counts equal a real model's."""
     from chae_ablate import plan
-    from chae_ablate.model import build_model, count_parameters
+    from chae_ablate.builders import count_parameters
+    from chae_ablate.model import build_model
     variants = {f"lr{i}": {"set": {"protocol.lr": (i + 2) * 1e-6 + 1e-7}} for i in range(997)}
     study = make({**variants, "d3": {"set": {"model.transformer.depth": 3}}}, model={"resolution": 32})
     built, real = [], plan.model_cost
-    monkeypatch.setattr(plan, "model_cost", lambda model, classes: built.append(model) or real(model, classes))
+    monkeypatch.setattr(plan, "model_cost", lambda config, *args: built.append(config) or real(config, *args))
     planned = plan.study_plan(study)
     table, footer = planned.table, planned.footer
     assert (len(table), len(built)) == (999, 2) and footer.startswith("999 variants x seeds = 999 cells")
