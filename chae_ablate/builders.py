@@ -234,9 +234,9 @@ def failing_as(model: ModelConfig | OtherModel, variant: str) -> Iterator[None]:
     except ChaeError:
         raise
     except Exception as e:
-        text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        text = str(e).strip().splitlines()[0] if str(e).strip() else ""  # its first line, cut short
         raise ChaeError(f"variant {variant}: builder {getattr(model, 'builder', CHAE)} failed at resolution "
-                        f"{model.resolution}: {type(e).__name__}: {short(text, 200)}") from e
+                        f"{model.resolution}: {type(e).__name__}: {text[:200]}") from e
 
 
 def cost_device(model: ModelConfig | OtherModel, num_classes: int) -> str:
