@@ -111,45 +111,38 @@ def bind_function(model: OtherModel, home: Path | None, where: str) -> OtherMode
     module, _, name = model.builder.partition(":")
     if not module or not name or not all(part.isidentifier() for part in (*module.split("."), name)):
         raise ConfigError(f"{where}model.builder: {short(model.builder)} is not one of {', '.join(BUILDER_FORMS)}")
-    file = _source_file(module, home, where)
+    file, beside = _source_file(module, home, where)
     code = file.read_bytes()
     sha = hashlib.sha256(code).hexdigest()[:12]
-    function = _load(module, name, file, code, sha, where)
+    function = _load(module, name, file, code, sha, where, beside)
     check_kwargs(model, inspect.signature(function), where, needs=FROM_DATA)
     return replace(model, source_sha=sha, source_file=str(file))
 
 
-def _source_file(module: str, home: Path | None, where: str) -> Path:
+def _source_file(module: str, home: Path | None, where: str) -> tuple[Path, bool]:
+    """The builder's file, and whether it was found beside the study (else: an importable module)."""
     beside = home / Path(*module.split(".")).with_suffix(".py") if home else None
     if beside is not None and beside.is_file():
-        return beside.resolve()
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+        return beside.resolve(), True
+    found = _importable(module)
+    if found is None:
         looked = f"{beside} (beside the study) nor " if beside else ""
         raise ConfigError(f"{where}model.builder: found neither {looked}an importable Python module "
                           f"{short(module)}; put {module.split('.')[-1]}.py beside the study file")
-    return Path(spec.origin).resolve()
+    return found, False
 
 
-def _load(module: str, name: str, file: Path, code: bytes, sha: str, where: str) -> Callable[..., nn.Module]:
-    """The function `name` of `file` as compiled from `code` (the bytes hashed), once per process."""
+def _load(module: str, name: str, file: Path, code: bytes, sha: str, where: str,
+          beside: bool) -> Callable[..., nn.Module]:
+    """The function `name` of `file` as compiled from `code`, the very bytes hashed, once per process
+    and version of the file: an edit is never trained under the old hash, nor the old code under a
+    new one (as an import's cache or a notebook's earlier import could)."""
     if (str(file), sha) not in _FUNCTIONS:
-        namespace = types.ModuleType(module)
-        namespace.__file__ = str(file)
-        namespace.__package__ = module.rpartition(".")[0]
-        top = file.parents[module.count(".")]  # the folder the module name is relative to
-        sys.path.insert(0, str(top))  # so the builder's own `import helpers` beside it works
-        sys.modules[module] = namespace
         try:
-            exec(compile(code, str(file), "exec"), namespace.__dict__)
+            namespace = _run_file(module, file, code, sha, beside)
         except Exception as e:
             raise ConfigError(f"{where}model.builder: importing {file} failed: {type(e).__name__}: "
                               f"{short(str(e), 200)}") from e
-        finally:
-            sys.path.remove(str(top))
         function = getattr(namespace, name, None)
         if not callable(function):
             names = [n for n, v in vars(namespace).items() if callable(v) and not n.startswith("_")]
@@ -157,6 +150,33 @@ def _load(module: str, name: str, file: Path, code: bytes, sha: str, where: str)
                               f"{did_you_mean(name, names)}")
         _FUNCTIONS[(str(file), sha)] = function
     return _FUNCTIONS[(str(file), sha)]
+
+
+def _importable(module: str) -> Path | None:
+    """The source file Python's own import of `module` would run, if any."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    return Path(spec.origin).resolve() if spec and spec.origin and spec.origin.endswith(".py") else None
+
+
+def _run_file(module: str, file: Path, code: bytes, sha: str, beside: bool) -> types.ModuleType:
+    """A module made from `code`, registered under a name of its own (dataclasses and pickle look
+    modules up by name) so that it never replaces a module already imported; relative imports
+    resolve in its real package, and a file beside the study can import its neighbours."""
+    namespace = types.ModuleType(f"chae_builder_{sha}_{module.replace('.', '_')}")
+    namespace.__file__, namespace.__package__ = str(file), module.rpartition(".")[0]
+    sys.modules[namespace.__name__] = namespace
+    home = str(file.parents[module.count(".")])  # the study's folder, for a file found beside it
+    if beside:
+        sys.path.insert(0, home)
+    try:
+        exec(compile(code, str(file), "exec"), namespace.__dict__)
+    finally:
+        if beside:
+            sys.path.remove(home)
+    return namespace
 
 
 def build_function(model: OtherModel, num_classes: int) -> nn.Module:
@@ -168,7 +188,8 @@ def build_function(model: OtherModel, num_classes: int) -> nn.Module:
         if sha != model.source_sha:
             raise ChaeError(f"{file} changed since the study was loaded (source {model.source_sha} -> {sha}): "
                             "its cells would not match their hash; run the command again")
-        function = _load(model.builder.partition(":")[0], model.builder.partition(":")[2], file, code, sha, "")
+        module, _, name = model.builder.partition(":")
+        function = _load(module, name, file, code, sha, "", beside=_importable(module) != file)
     network = function(num_classes=num_classes, resolution=model.resolution, **model.kwargs)
     if not isinstance(network, nn.Module):
         raise ChaeError(f"builder {model.builder} returned {type(network).__name__}, not a torch.nn.Module")

@@ -212,3 +212,28 @@ def test_a_vit_gets_the_resolution_as_its_image_size():
 def test_a_bad_timm_setting_is_one_line(kwargs, builder, message):
     with pytest.raises(ConfigError, match=message):
         timm_study(builder, kwargs=kwargs or {"drop_rate": 0.1}, variants={"v": {"set": {"model.resolution": 32}}})
+
+
+def test_a_builder_beside_the_study_imports_its_neighbours_and_replaces_no_module(tmp_path):
+    """Its `import helpers` finds helpers.py beside it; a builder file named like a module already
+    imported (here `json`) is run under a name of its own, never in that module's place."""
+    (tmp_path / "layers.py").write_text("from torch import nn\n\ndef head(n, k):\n    return nn.Linear(n, k)\n")
+    code = "from torch import nn\nimport layers\n\ndef build(num_classes, resolution):\n" \
+           "    return nn.Sequential(nn.Flatten(), layers.head(3 * resolution ** 2, num_classes))\n"
+    (tmp_path / "json.py").write_text(code)
+    study = load_study(user_study(tmp_path, builder="json:build", variants={"r8": {"set": {"model.resolution": 8}}}))
+    import sys
+    assert sys.modules["json"] is json and json.dumps  # the standard library's json is untouched
+    assert builders.build(study.variants[1].config.model, 4)(torch.zeros(1, 3, 8, 8)).shape == (1, 4)
+
+
+def test_a_run_stops_before_training_when_a_builder_fails(tmp_path, monkeypatch):
+    from conftest import chae_here
+    path = user_study(tmp_path, builder="small_cnn:fails", variants={"deep": {"set": {"model.kwargs.depth": 3}}})
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = chae_here("run", str(path), "--no-report")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [
+        "error: variant deep: builder small_cnn:fails failed at resolution 16: ValueError: depth 3 is not supported"]
+    assert not (tmp_path / "runs" / "checkpoints").exists()  # nothing trained
