@@ -115,8 +115,24 @@ def bind_function(model: OtherModel, home: Path | None, where: str) -> OtherMode
     code = file.read_bytes()
     sha = hashlib.sha256(code).hexdigest()[:12]
     function = _load(module, name, file, code, sha, where, beside)
-    check_kwargs(model, inspect.signature(function), where, needs=FROM_DATA)
-    return replace(model, source_sha=sha, source_file=str(file))
+    signature = inspect.signature(function)
+    check_kwargs(model, signature, where, needs=FROM_DATA)
+    kwargs = {**plain_defaults(signature), **model.kwargs}  # every knob explicit, as CHAE's config is
+    return replace(model, kwargs=kwargs, source_sha=sha, source_file=str(file))
+
+
+def plain_defaults(signature: inspect.Signature) -> dict:
+    """The builder's keyword defaults that are plain data (numbers, text, lists of them): written
+    into the config, so that a variant or trial naming a default is the baseline's cell, not a
+    new one, and MLflow shows every knob's value. Others (a class, a function) stay implicit: the
+    file's hash covers them."""
+    def plain(value) -> bool:
+        if isinstance(value, (list, tuple)):
+            return all(plain(v) for v in value)
+        return value is None or isinstance(value, (bool, int, float, str))
+
+    return {n: list(p.default) if isinstance(p.default, tuple) else p.default for n, p in signature.parameters.items()
+            if n not in FROM_DATA and p.default is not p.empty and plain(p.default)}
 
 
 def _source_file(module: str, home: Path | None, where: str) -> tuple[Path, bool]:

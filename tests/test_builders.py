@@ -75,7 +75,7 @@ def test_builder_chae_written_out_is_the_default():
 def test_a_user_builder_beside_the_study_is_loaded_checked_and_costed(tmp_path):
     study = load_study(user_study(tmp_path, kwargs={"depth": 2}))
     model = study.baseline.config.model
-    assert isinstance(model, OtherModel) and model.kwargs == {"depth": 2}
+    assert isinstance(model, OtherModel) and model.kwargs == {"width": 8, "depth": 2}  # defaults written out
     assert model.source_file == str((tmp_path / "small_cnn.py").resolve())
     table = study_plan(study).table.set_index("variant")
     # by hand: conv 3->w at 16x16, conv w->w at 8x8, linear w*4*4 -> 3; a multiply-add is 2 FLOPs
@@ -97,6 +97,16 @@ def test_training_memory_is_weights_gradients_adam_state_and_saved_input(tmp_pat
     batch = 8 * 3 * 16 * 16 * 4
     adam, sgd = (builders.training_memory(v.config.model, 3, 8, v.config.protocol.optimizer) for v in study.variants)
     assert (adam, sgd) == (weights * 4 + batch, weights * 3 + batch)
+
+
+def test_naming_a_builder_default_is_the_baselines_cell(tmp_path):
+    """A search trial or variant that names a default trains the baseline's cell, not a copy of it
+    (seen: a search's top configuration was the baseline's with depth=2 written out, and was
+    confirmed against itself as a new variant)."""
+    with pytest.raises(ConfigError, match="^variants.same: the same configuration as baseline"):
+        load_study(user_study(tmp_path, variants={"same": {"set": {"model.kwargs.depth": 2}}}))
+    study = load_study(user_study(tmp_path))
+    assert study.config_with({"model.kwargs.depth": 2}) == study.baseline.config
 
 
 def test_an_importable_module_is_a_builder_too(tmp_path, monkeypatch):
@@ -153,7 +163,7 @@ def test_a_variant_may_switch_builder_and_keeps_the_resolution(tmp_path):
                                                              "model.kwargs.width": 4}}}}))
     baseline, cnn = load_study(path).variants
     assert isinstance(baseline.config.model, ModelConfig)
-    assert cnn.config.model == OtherModel("small_cnn:build", 16, {"width": 4}, cnn.config.model.source_sha,
+    assert cnn.config.model == OtherModel("small_cnn:build", 16, {"width": 4, "depth": 2}, cnn.config.model.source_sha,
                                           cnn.config.model.source_file)
 
 
