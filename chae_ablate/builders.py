@@ -1,7 +1,7 @@
 """Which network a cell trains: CHAE (the default), any timm architecture, or the user's own function.
 
-`model.builder` in a study names one; BUILDERS maps each kind to its implementation, and its keys
-are what the validator accepts:
+`model.builder` in a study names one; BUILDERS maps each kind to its implementation and the form
+the validator accepts:
 
     chae              the paper's model, configured by its typed knobs (model.conv, model.transformer, ...)
     timm:NAME         timm.create_model(NAME, pretrained=False, num_classes=..., **model.kwargs), with
@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -43,17 +44,18 @@ TIMM_OWN = {"pretrained": "chae-ablate creates timm models untrained (nothing is
 
 @dataclass(frozen=True)
 class Builder:
-    """How one kind of builder is checked and called."""
+    """How one kind of builder is written, checked and called."""
 
-    bind: Callable[[OtherModel, Path | None, str], OtherModel]  # resolve and check, before any training
-    build: Callable[[OtherModel, int], nn.Module]  # the untrained network for num_classes
+    form: str  # how model.builder names it
+    bind: Callable[[Any, Path | None, str], Any]  # resolve and check the config, before any training
+    build: Callable[[Any, int], nn.Module]  # the untrained network for num_classes
 
 
-def kind_of(builder: str) -> str:
-    """The BUILDERS key a `model.builder` value belongs to."""
-    if builder == CHAE:
+def kind_of(model: ModelConfig | OtherModel) -> str:
+    """The BUILDERS key of a model config."""
+    if isinstance(model, ModelConfig):
         return CHAE
-    prefix, colon, _ = builder.partition(":")
+    prefix, colon, _ = model.builder.partition(":")
     return "timm" if prefix == "timm" and colon else "function"
 
 
@@ -110,7 +112,8 @@ def bind_function(model: OtherModel, home: Path | None, where: str) -> OtherMode
     the function from the hashed bytes, and check its signature against model.kwargs."""
     module, _, name = model.builder.partition(":")
     if not module or not name or not all(part.isidentifier() for part in (*module.split("."), name)):
-        raise ConfigError(f"{where}model.builder: {short(model.builder)} is not one of {', '.join(BUILDER_FORMS)}")
+        forms = ", ".join(b.form for b in BUILDERS.values())
+        raise ConfigError(f"{where}model.builder: {short(model.builder)} is not one of {forms}")
     file, beside = _source_file(module, home, where)
     code = file.read_bytes()
     sha = hashlib.sha256(code).hexdigest()[:12]
@@ -236,25 +239,21 @@ def check_kwargs(model: OtherModel, signature: inspect.Signature, where: str, ne
 # --- the registry ------------------------------------------------------------------------------
 
 BUILDERS = {
-    "timm": Builder(bind_timm, build_timm),
-    "function": Builder(bind_function, build_function),
+    CHAE: Builder(CHAE, lambda model, home, where: model, build_model),  # its dataclasses check it already
+    "timm": Builder("timm:NAME", bind_timm, build_timm),
+    "function": Builder("module:function", bind_function, build_function),
 }
-BUILDER_FORMS = (CHAE, "timm:NAME", "module:function")
 
 
 def bind(model: ModelConfig | OtherModel, home: Path | None, where: str = "") -> ModelConfig | OtherModel:
-    """The model config resolved and checked against its builder (CHAE's is checked by its own
-    dataclasses already); `home` is the study's folder, where user builders are looked for first."""
-    if isinstance(model, ModelConfig):
-        return model
-    return BUILDERS[kind_of(model.builder)].bind(model, home, f"{where}." if where else "")
+    """The model config resolved and checked against its builder; `home` is the study's folder,
+    where user builders are looked for first."""
+    return BUILDERS[kind_of(model)].bind(model, home, f"{where}." if where else "")
 
 
 def build(model: ModelConfig | OtherModel, num_classes: int) -> nn.Module:
     """The untrained network a model config describes."""
-    if isinstance(model, ModelConfig):
-        return build_model(model, num_classes)
-    return BUILDERS[kind_of(model.builder)].build(model, num_classes)
+    return BUILDERS[kind_of(model)].build(model, num_classes)
 
 
 # --- costs, on the meta device ----------------------------------------------------------------------
