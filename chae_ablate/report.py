@@ -37,6 +37,7 @@ REPORT_FILES = ("report.md", "report.html", "results.csv", "summary.csv")
 PARQUET_FILES = ("results.parquet", "summary.parquet")  # written where pyarrow is installed
 PAPER_EPOCHS = 20  # the paper's claim is about 20-epoch training
 RESOLUTION = "model.resolution"  # the plan's setting shown beside each variant's cost
+BUILDER = "model.builder"  # set in the plan's settings for every builder but CHAE
 
 
 def cell_table(plan: Plan, standing: Outcome) -> pd.DataFrame:
@@ -157,11 +158,14 @@ def _diff_text(r: Any) -> str:
             f"(n={r.n_pairs:.0f})")
 
 
-def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcome, epochs: int | None) -> str:
-    """The paper's claim, and which verdicts support or contradict it, with numbers."""
-    text = (f"The paper claims that none of its architecture changes beat the baseline at {PAPER_EPOCHS} "
-            f"epochs{f' (this study trained {epochs})' if epochs not in (None, PAPER_EPOCHS) else ''}. "
-            f"Claims like this are equivalence claims: a change that moves {analysis.metric} by less than the "
+def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcome, epochs: int | None,
+               papers: bool = True) -> str:
+    """The paper's claim (for a study of another model: the same claim, of its own changes), and
+    which verdicts support or contradict it, with numbers."""
+    claim = (f"The paper claims that none of its architecture changes beat the baseline at {PAPER_EPOCHS} "
+             f"epochs{f' (this study trained {epochs})' if epochs not in (None, PAPER_EPOCHS) else ''}. "
+             if papers else "The claim tested, as the CHAE paper's: none of this study's changes beats its baseline. ")
+    text = (f"{claim}Claims like this are equivalence claims: a change that moves {analysis.metric} by less than the "
             f"margin ({number_text(standing.margin, '.4f')}) does not matter.")
     others = summary[summary["variant"] != BASELINE]
     no_baseline = not (summary.loc[summary["variant"] == BASELINE, "n"] > 0).any()
@@ -346,6 +350,11 @@ def _settings(analysis: AnalysisConfig, standing: Outcome) -> str:
             f"{analysis.alpha}. Seeds: {seeds}.{split}")
 
 
+def studies_chae(plan: Plan) -> bool:
+    """Whether the study's baseline is CHAE (another builder's config names its builder)."""
+    return BUILDER not in plan.settings.get(BASELINE, {})
+
+
 def _blocks(plan: Plan, table: pd.DataFrame, summary: pd.DataFrame, figures: list[tuple[str, str]],
             standing: Outcome, epochs: int | None, known: list[Version]) -> list[Block]:
     analysis = plan.analysis
@@ -360,7 +369,7 @@ def _blocks(plan: Plan, table: pd.DataFrame, summary: pd.DataFrame, figures: lis
         ("p", f"Generated {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from the study's MLflow runs. "
               f"{done} of {needed} needed cells are in the statistics.{state}{kept}"),
         ("p", _settings(analysis, standing)),
-        ("h2", "Conclusion"), ("p", conclusion(summary, analysis, standing, epochs)),
+        ("h2", "Conclusion"), ("p", conclusion(summary, analysis, standing, epochs, papers=studies_chae(plan))),
         ("h2", "Verdicts against the baseline"),
         *([("p", note)] if note else []),
         ("p", "Difference = variant − baseline on the same seed. Verdicts: better / worse when the interval "

@@ -169,7 +169,9 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
         else:
             set_dotted(base, path, value)
     home = source.resolve().parent if source else None
-    variants = [Variant(BASELINE, "the paper's baseline", {}, experiment(base, "", home))]
+    baseline = experiment(base, "", home)
+    about = f"the baseline ({baseline.model.builder})" if isinstance(baseline.model, OtherModel) else "the paper's baseline"
+    variants = [Variant(BASELINE, about, {}, baseline)]
     raw_variants = raw.get("variants") or {}
     if not isinstance(raw_variants, dict):
         raise ConfigError("variants: expected a mapping of name -> {description, set}")

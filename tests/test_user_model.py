@@ -74,6 +74,8 @@ def test_a_user_builder_runs_resumes_after_kill_and_reports(tmp_path, monkeypatc
     assert {r.data.params["model.kwargs.width"] for r in runs} == {"16", "32"}
     assert_undisturbed_metrics(runs, undisturbed_metrics(study, tmp_path / "reference"))
 
+    report = (tmp_path / "reports" / "own" / "report.md").read_text()
+    assert "none of this study's changes beats its baseline" in report and "The paper claims" not in report
     results = chae_ablate.load(study, folder=tmp_path)
     verdicts = results.verdicts().set_index("variant")
     assert verdicts.loc["wide", "verdict"] in {"better", "worse", "equivalent", "undecided"}
