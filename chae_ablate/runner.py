@@ -147,6 +147,11 @@ class Worker:
         pruner stops it; TakenOver when another worker holds the cell now."""
         checkpoints = checkpoint_dir(self.options, self.study, cell)
         try:
+            finished = self.session.log.finished_summary(cell)
+            if finished is not None:
+                notify(f"cell {cell.label}: already finished in MLflow (its worker stopped before the ledger "
+                       "heard); its result recorded, not trained again")
+                return finished
             run = self.session.log.cell_run(cell, str(self.device), checkpoint_epochs(checkpoints))
         except Exception as err:
             if lost := tracking.lost_server(err):

@@ -268,6 +268,20 @@ class StudyLog:
             self.client.log_batch(run.info.run_id, params=items[i:i + 100])
         return CellRun(self.client, run.info.run_id, set())
 
+    def finished_summary(self, cell: Cell) -> dict[str, float] | None:
+        """The summary of a FINISHED run of the cell, if MLflow has one: its worker finished the run
+        and was stopped (kill -9) before the ledger heard, so the cell is done, not to train again.
+        Non-finite values, which finish() leaves out, come back as they were: inf for a loss of a cell
+        that diverged at once, NaN for anything else."""
+        for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell.cell_hash}' "
+                                           "and attributes.status = 'FINISHED'", max_results=1):
+            logged = run.data.metrics
+            return {name: float(logged[name]) if name in logged else
+                    (math.inf if name in (MetricName.BEST_VAL_LOSS, MetricName.TEST_LOSS) else math.nan)
+                    for name in SUMMARY_METRICS
+                    if name in logged or name != MetricName.DIVERGED_EPOCH}
+        return None
+
     def fail_cell(self, cell_hash: str, reason: str) -> None:
         """Mark the cell's unfinished runs FAILED with `reason` (a cell given up on: its workers kept dying)."""
         for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell_hash}'"):
