@@ -51,7 +51,7 @@ from chae_ablate.config import ExperimentConfig  # noqa: E402
 from chae_ablate.data import load_dataset  # noqa: E402
 from chae_ablate.sources import render_synthetic  # noqa: E402
 from chae_ablate.errors import ChaeError  # noqa: E402
-from chae_ablate.builders import forward_flops  # noqa: E402
+from chae_ablate.builders import forward_flops, training_memory  # noqa: E402
 from chae_ablate.study import load_study  # noqa: E402
 from chae_ablate.train import NullTracker, pick_device, train_cell  # noqa: E402
 
@@ -231,7 +231,8 @@ class EpochLog(NullTracker):
             f.write(json.dumps({"event": event, "t": time.time(), **fields}) + "\n")
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        self.write("epoch", epoch=epoch, **metrics)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        self.write("epoch", epoch=epoch, peak_memory_mb=peak, **metrics)
 
 
 def checkpoints(log: Path) -> Path:
@@ -247,7 +248,9 @@ def child(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     config = paper11_configs(args.runs / "images", QUICK if args.quick else FULL)[args.cell]
     data = load_dataset(config.data, config.model.resolution, args.runs, progress=False)
-    log.write("loaded", images_per_epoch=len(data.train.labels) * (config.protocol.augment.copies + 1))
+    estimate = training_memory(config.model, len(data.classes), config.protocol.batch_size, config.protocol.optimizer)
+    log.write("loaded", images_per_epoch=len(data.train.labels) * (config.protocol.augment.copies + 1),
+              memory_estimate_mb=estimate / 2**20)  # `plan`'s figure (float32), against CUDA's peak per epoch
     result = train_cell(config=config, seed=args.seed, data=data, device=pick_device(args.device), tracker=log,
                         checkpoint_dir=checkpoints(args.log))
     log.write("done", best_val_loss=result.best_val_loss, test_acc=result.test_acc,
@@ -281,7 +284,10 @@ def summarise_child(log: dict, launched: float, epochs: int) -> dict:
            "finished": "done" in log, "first_epoch_s": round(durations[0], 2) if durations else None,
            "steady_epoch_s": round(steady, 3) if steady else None,
            "images_per_epoch": log["loaded"]["images_per_epoch"],
-           "steady_images_per_s": round(log["loaded"]["images_per_epoch"] / steady, 1) if steady else None}
+           "steady_images_per_s": round(log["loaded"]["images_per_epoch"] / steady, 1) if steady else None,
+           "memory_estimate_mb": round(log["loaded"].get("memory_estimate_mb", float("nan")), 1),
+           "cuda_peak_memory_mb": max((e["peak_memory_mb"] for e in log["epochs"] if e.get("peak_memory_mb")),
+                                      default=None)}
     if "done" in log:
         out.update(train_s=round(log["done"]["t"] - log["loaded"]["t"], 1), train_s_is="measured",
                    best_val_loss=round(log["done"]["best_val_loss"], 4))
