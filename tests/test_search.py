@@ -79,9 +79,9 @@ search:
   trials: 6
   top_k: 2
   seeds: [0]
-  space:
-    protocol.lr: [1.0e-7, 1.0e-3, 3.0e-3]        # 1e-7 is hopeless: pruned after its first epoch
-    model.transformer.heads: [3, 5, 4]            # 3 and 5 do not divide dim 128: rejected (the baseline has 8)
+  space:  # 3 trainable configurations: a repeated one is recorded at once, and the kill needs one training
+    protocol.lr: [1.0e-7, 1.0e-3, 2.0e-3, 3.0e-3]  # 1e-7 is hopeless: pruned after its first epoch
+    model.transformer.heads: [3, 5, 4]              # 3 and 5 do not divide dim 128: rejected (the baseline has 8)
 """
 
 
