@@ -16,6 +16,8 @@ import pytest
 from conftest import STUDIES, chae as cli, chae_here
 
 CONTROL = STUDIES / "digits-control.yaml"
+RUN = ("run", str(CONTROL), "--no-progress", "--threads", "1",
+       "--set", "protocol.augment.copies=0")  # the original digits only: half the training, the same verdicts
 
 
 
@@ -33,8 +35,8 @@ def test_adaptive_control_study_and_kill_9_mid_round(tmp_path, monkeypatch):
     straight.mkdir(), killed.mkdir()
     # The uninterrupted reference and the run to be killed go side by side, one torch thread each
     # (2 cores); their cells must agree to the bit, which one thread each also guarantees.
-    reference = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=straight)
-    victim = cli("run", str(CONTROL), "--no-progress", "--threads", "1", cwd=killed, start_new_session=True)
+    reference = cli(*RUN, cwd=straight)
+    victim = cli(*RUN, cwd=killed, start_new_session=True)
     checkpoints = killed / "runs" / "checkpoints" / "digits-control"
     deadline = time.time() + 600
     while time.time() < deadline and len(list(checkpoints.glob("*/last.pt"))) < 11 and victim.poll() is None:
@@ -45,7 +47,7 @@ def test_adaptive_control_study_and_kill_9_mid_round(tmp_path, monkeypatch):
     # the rerun goes in this process (no interpreter to start) while the reference trains on
     monkeypatch.chdir(killed)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    rerun = chae_here("run", str(CONTROL), "--no-progress", "--threads", "1")
+    rerun = chae_here(*RUN)
     out, _ = reference.communicate(timeout=900)
     assert reference.returncode == 0, out
 
