@@ -1,17 +1,11 @@
 """One real end-to-end run: real paintings, the real CLI, MLflow, the report, as a user would."""
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
-from chae_ablate.cli import app
-
-from conftest import ARTISTS11
+from conftest import ARTISTS11, chae_here
 
 STUDY = f"""
 name: artists-e2e
@@ -30,9 +24,8 @@ def test_run_and_report_on_real_paintings(workdir):
     if not ARTISTS11.is_dir():
         pytest.skip(f"{ARTISTS11} is absent (a user's clone lacks ../shared); the real-data run is skipped")
     (workdir / "study.yaml").write_text(STUDY)
-    result = subprocess.run([sys.executable, "-m", "chae_ablate", "run", "study.yaml", "--no-progress"],
-                            capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stdout + result.stderr
+    result = chae_here("run", "study.yaml", "--no-progress")  # in this process: no interpreter to start
+    assert result.exit_code == 0, result.output
     assert "report: reports/artists-e2e/report.md" in result.stdout
     table = result.stdout.split("report:")[0]  # the per-variant summary printed at the end
     assert "verdict" in table and "depth1" in table and "1/1" in table
@@ -54,6 +47,6 @@ def test_run_and_report_on_real_paintings(workdir):
         with Image.open(report / "figures" / name) as image:
             assert image.size[0] > 100 and image.getextrema() != ((255, 255),) * 3
 
-    rebuilt = CliRunner().invoke(app, ["report", "artists-e2e", "--out", "again"])  # from MLflow alone, in here
+    rebuilt = chae_here("report", "artists-e2e", "--out", "again")  # from MLflow alone
     assert rebuilt.exit_code == 0, rebuilt.output
     assert pd.read_csv(workdir / "again" / "results.csv")["best_val_loss"].tolist() == cells["best_val_loss"].tolist()
