@@ -221,9 +221,9 @@ def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
 
 
 def test_cell_runs_carry_mlflow_system_metrics(workdir, monkeypatch):
-    monkeypatch.setattr("chae_ablate.tracking.SYSTEM_METRICS_S", 0.2)  # the slow study's cells last seconds
+    monkeypatch.setattr("chae_ablate.tracking.SYSTEM_METRICS_S", 0.2)  # the cell trains for about a second
     raw = yaml.safe_load(slow_study("sysmetrics"))
-    raw["variants"] = {}
+    raw["variants"], raw["protocol"]["epochs"] = {}, 2
     run_study(study_from_dict(raw, {}), RunOptions(progress=False), report=False)
     client = mlflow.tracking.MlflowClient(f"sqlite:///{Path('mlflow.db').resolve()}")
     exp = client.get_experiment_by_name("sysmetrics")
