@@ -32,7 +32,7 @@ INSTALL = "apt-get install slurmctld slurmd slurm-client munge"
 PARTITION = "debug"
 START_TIMEOUT_S = 60.0
 KILL_WAIT_S = 5  # KillWait: SIGTERM to SIGKILL of a cancelled job's tasks
-CRED_EXPIRE_S = 10  # launch credentials' lifetime; slurmctld holds a requeued job this long (+1 s)
+CRED_EXPIRE_S = 5  # launch credentials' lifetime; slurmctld holds a requeued job this long (+1 s)
 # Job ids start at a different FirstJobId in each cluster: submitit's state cache is one per process
 # (SlurmJob.watcher) and would take job 1 of a new cluster for job 1 of an earlier one, finished.
 _first_job_ids = itertools.count(random.randrange(60_000))
