@@ -8,6 +8,7 @@ import sys
 
 import mlflow
 import optuna
+import pytest
 
 from conftest import STUDIES, chae_here
 
@@ -22,6 +23,7 @@ main()
 """
 
 
+@pytest.mark.slow
 def test_a_cell_finished_in_mlflow_but_not_in_the_ledger_is_not_trained_again(tmp_path, monkeypatch):
     study = tmp_path / "s.yaml"
     study.write_text((STUDIES / "synthetic-tiny.yaml").read_text())
