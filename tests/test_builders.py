@@ -247,3 +247,11 @@ def test_a_run_stops_before_training_when_a_builder_fails(tmp_path, monkeypatch)
     assert result.output.strip().splitlines() == [
         "error: variant deep: builder small_cnn:fails failed at resolution 16: ValueError: depth 3 is not supported"]
     assert not (tmp_path / "runs" / "checkpoints").exists()  # nothing trained
+
+
+def test_the_shipped_studies_of_other_models_plan():
+    """examples/own-model (the README's own model) and studies/timm-quickstart.yaml load and plan."""
+    own = study_plan(load_study(STUDIES.parent / "examples" / "own-model" / "study.yaml")).table
+    assert list(own["variant"]) == ["baseline", "wide", "deep"] and (own["params"] > 0).all()
+    resnet = study_plan(load_study(STUDIES / "timm-quickstart.yaml")).table.set_index("variant")
+    assert resnet.loc["narrow", "params"] < resnet.loc["baseline", "params"] < resnet.loc["deeper", "params"]
