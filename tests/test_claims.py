@@ -12,7 +12,7 @@ import mlflow
 import optuna
 import pytest
 
-from conftest import assert_undisturbed_metrics, chae, undisturbed_metrics
+from conftest import assert_undisturbed_metrics, chae, chae_here, undisturbed_metrics
 
 pytestmark = pytest.mark.slow
 HOOKS = Path(__file__).parent / "hooks"
@@ -75,7 +75,7 @@ def test_a_worker_whose_clock_runs_40_s_ahead_takes_no_live_cell(tmp_path):
     assert_undisturbed_metrics(runs, undisturbed_metrics(study, tmp_path / "undisturbed"))
 
 
-def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp_path):
+def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp_path, monkeypatch):
     """A cell whose every attempt kills its process (the host's OOM killer): it was re-queued
     forever. With --retries 1 the third start finds it dead twice, fails it with the reason in the
     ledger, MLflow and the report, and finishes the rest."""
@@ -88,9 +88,13 @@ def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp
         out = chae(*args, cwd=tmp_path, env=env).communicate(timeout=300)[0]
         killed = [t for t in trials(tmp_path, "oom") if t.user_attrs["variant"] == "depth2"]
         assert len(killed) == attempt and killed[-1].state == optuna.trial.TrialState.RUNNING, out
-    last = chae(*args, cwd=tmp_path, env=env)
-    out = last.communicate(timeout=300)[0]
-    assert last.returncode == 1 and "Traceback" not in out, out
+    # the third start goes in this process (no interpreter to start), without the hook: it must not train
+    # depth2 at all, and if it did, the ledger's states and MLflow's run below would say so
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    last = chae_here(*args)
+    out = last.output
+    assert last.exit_code == 1 and isinstance(last.exception, SystemExit) and "Traceback" not in out, out
     assert "not finished: depth2/seed0 failed" in out and "died 2 times" in out, out
     by_variant = {}
     for t in trials(tmp_path, "oom"):
