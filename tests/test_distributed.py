@@ -1,8 +1,9 @@
 """Many machines: real PostgreSQL (the Optuna ledger) and a real MLflow tracking server on 127.0.0.1.
 
 Each worker is a separate `chae-ablate` process with its own working directory and runs dir, so
-the processes share nothing but the two servers, as on separate machines. Skipped, with the
-reason, where the PostgreSQL binaries are missing.
+the processes share nothing but the two servers, as on separate machines (a machine that only
+follows the others, a report's or a kill's survivor, is the CLI in the test process, in a folder of
+its own). Skipped, with the reason, where the PostgreSQL binaries are missing.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from typer.testing import CliRunner
 
 from chae_ablate.cli import app
 
-from conftest import STUDIES, assert_undisturbed_metrics, slow_study, undisturbed_metrics
+from conftest import STUDIES, assert_undisturbed_metrics, chae_here, slow_study, undisturbed_metrics
 
 pytestmark = pytest.mark.slow
 DONE_ROW = re.compile(r"^\S+\s+\d+\s+done\s", re.M)  # a row of the cells table `run` prints
@@ -255,7 +256,7 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
     pd.testing.assert_frame_equal(tables[0], tables[1])
 
 
-def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path):
+def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path, monkeypatch):
     name = "dist-kill"
     study = study_file(tmp_path, SLOW_STUDY, name)
     common = (str(study), "--storage", postgres, "--threads", "1")  # 2 workers, 2 cores
@@ -276,9 +277,14 @@ def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_
 
     # another machine joins after the kill (started earlier, it could finish both cells before the
     # victim claims one): it trains the other cell, then the killed one once it has watched its
-    # heartbeat stand still for the study's grace period (3 s, set by the victim's start)
-    survivor = cli("run", *common, "--no-report", cwd=tmp_path / "m1", tracking=mlflow_server)
-    out = finish(survivor)
+    # heartbeat stand still for the study's grace period (3 s, set by the victim's start). It runs
+    # in this process (no interpreter to start), in a folder of its own, as the report machines above do
+    (tmp_path / "m1").mkdir()
+    monkeypatch.chdir(tmp_path / "m1")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    survivor = chae_here("run", *common, "--no-report", "--no-progress", "--device", "cpu")
+    out = survivor.output
+    assert survivor.exit_code == 0 and "Traceback" not in out, out
     assert len(DONE_ROW.findall(out)) == 2, out
     trials = ledger_trials(postgres, name)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
