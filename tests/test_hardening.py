@@ -203,11 +203,15 @@ def test_only_a_unique_key_race_is_tried_again():
 @pytest.mark.slow
 def test_run_and_worker_started_together_on_a_fresh_folder(tmp_path):
     """Both create the MLflow and Optuna schemas at the same moment: both must exit 0, with one
-    parent run, every cell once and the report written."""
+    parent run, every cell once and the report written. Two tries, each in a folder of its own,
+    side by side: one pair computes while the other waits."""
+    tries = {}
     for attempt in range(2):
         folder = tmp_path / f"try{attempt}"
         folder.mkdir()
-        procs = [_cli(command, str(TINY), "--no-progress", "--threads", "1", cwd=folder) for command in ("run", "worker")]
+        tries[folder] = [_cli(command, str(TINY), "--no-progress", "--threads", "1", cwd=folder)
+                         for command in ("run", "worker")]
+    for folder, procs in tries.items():
         outputs = [p.communicate(timeout=600)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outputs
         client = mlflow.tracking.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
