@@ -63,6 +63,7 @@ def test_a_worker_whose_clock_runs_40_s_ahead_takes_no_live_cell(tmp_path):
     args = ("worker", str(study), "--storage", "journal:ledger.journal", "--threads", "1", "--device", "cpu")
     plain = chae(*args, cwd=tmp_path)
     skewed = chae(*args, cwd=tmp_path, prefix=("faketime", "-f", "+40s"))
+    reference = undisturbed_metrics(study, tmp_path / "undisturbed")  # while they train
     outputs = [p.communicate(timeout=300)[0] for p in (plain, skewed)]
     for process, out in zip((plain, skewed), outputs):
         assert process.returncode == 0 and "Traceback" not in out, out
@@ -72,7 +73,7 @@ def test_a_worker_whose_clock_runs_40_s_ahead_takes_no_live_cell(tmp_path):
     assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
     assert len({r.data.tags["cell_hash"] for r in runs}) == 4
     assert all(epochs_logged(tmp_path, r) == [1, 2, 3] for r in runs)  # each epoch trained and logged once
-    assert_undisturbed_metrics(runs, undisturbed_metrics(study, tmp_path / "undisturbed"))
+    assert_undisturbed_metrics(runs, reference)
 
 
 def test_a_cell_that_kills_its_process_every_attempt_fails_after_the_retries(tmp_path, monkeypatch):
