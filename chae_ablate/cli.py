@@ -80,7 +80,7 @@ def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: 
          spread_from: Annotated[Optional[str], typer.Option(
              help="An earlier study's name in MLflow: say how many seeds each variant would likely need at its spread")]
          = None, as_json: JsonOpt = False) -> None:
-    """Show every variant's shape and cost (params, MFLOPs, tokens) without training."""
+    """Show every variant's shape and cost (params, MFLOPs, training memory, tokens) without training."""
     from .plan import format_plan, seeds_from_earlier, study_plan
     loaded = _load(study, set_, epochs, seeds)
     planned = study_plan(loaded)
