@@ -115,13 +115,18 @@ def bind_function(model: OtherModel, home: Path | None, where: str) -> OtherMode
         forms = ", ".join(b.form for b in BUILDERS.values())
         raise ConfigError(f"{where}model.builder: {short(model.builder)} is not one of {forms}")
     file, beside = _source_file(module, home, where)
-    code = file.read_bytes()
-    sha = hashlib.sha256(code).hexdigest()[:12]
+    code, sha = read_source(file)
     function = _load(module, name, file, code, sha, where, beside)
     signature = inspect.signature(function)
     check_kwargs(model, signature, where, needs=FROM_DATA)
     kwargs = {**plain_defaults(signature), **model.kwargs}  # every knob explicit, as CHAE's config is
     return replace(model, kwargs=kwargs, source_sha=sha, source_file=str(file))
+
+
+def read_source(file: Path) -> tuple[bytes, str]:
+    """A builder file's bytes and their hash (the first 12 hex digits of SHA-256: OtherModel.source_sha)."""
+    code = file.read_bytes()
+    return code, hashlib.sha256(code).hexdigest()[:12]
 
 
 def plain_defaults(signature: inspect.Signature) -> dict:
@@ -202,8 +207,7 @@ def build_function(model: OtherModel, num_classes: int) -> nn.Module:
     function = _FUNCTIONS.get((model.source_file, model.source_sha))
     if function is None:  # a process that did not load the study itself (a spawned worker): load it here
         file = Path(model.source_file)
-        code = file.read_bytes()
-        sha = hashlib.sha256(code).hexdigest()[:12]
+        code, sha = read_source(file)
         if sha != model.source_sha:
             raise ChaeError(f"{file} changed since the study was loaded (source {model.source_sha} -> {sha}): "
                             "its cells would not match their hash; run the command again")

@@ -359,6 +359,10 @@ def parse(cls: type, data: Any, path: str = "") -> Any:
     return config
 
 
+CHAE_KNOBS = tuple(f.name for f in dataclasses.fields(ModelConfig)  # the fields that only CHAE has
+                   if f.name not in {g.name for g in dataclasses.fields(OtherModel)})
+
+
 def parse_model(value: Any, path: str) -> ModelConfig | OtherModel:
     """A model section: `builder: chae` (or none) is the CHAE config, anything else another builder's."""
     if not isinstance(value, dict):
@@ -374,9 +378,6 @@ def parse_model(value: Any, path: str) -> ModelConfig | OtherModel:
             raise ConfigError(f"{path}.{key}: a knob of the chae builder; {short(builder)} takes its knobs as "
                               f"{path}.kwargs.NAME")
     return parse(OtherModel, value, path)
-
-
-CHAE_KNOBS = ("conv", "transformer", "activation")  # ModelConfig's fields that only CHAE has
 
 
 def model_defaults(builder: str) -> dict:

@@ -71,7 +71,7 @@ class Study:
     @property
     def home(self) -> Path | None:
         """The study file's folder, where a user's model builder is looked for first."""
-        return self.source.resolve().parent if self.source else None
+        return study_home(self.source)
 
     @property
     def baseline(self) -> Variant:
@@ -130,6 +130,11 @@ def config_key(config: ExperimentConfig) -> dict:
     return data
 
 
+def study_home(source: Path | None) -> Path | None:
+    """A study file's folder, where a user's model builder is looked for first."""
+    return source.resolve().parent if source else None
+
+
 def experiment(data: dict, where: str, home: Path | None) -> ExperimentConfig:
     """Plain data as a validated config whose model is checked against its builder (a user
     builder's file found, hashed and loaded from `home`, the study's folder, first)."""
@@ -168,7 +173,7 @@ def study_from_dict(raw: Any, overrides: dict[str, Any], source: Path | None = N
             set_dotted(analysis, path.removeprefix("analysis."), value, prefix="analysis.")
         else:
             set_dotted(base, path, value)
-    home = source.resolve().parent if source else None
+    home = study_home(source)
     baseline = experiment(base, "", home)
     about = f"the baseline ({baseline.model.builder})" if isinstance(baseline.model, OtherModel) else "the paper's baseline"
     variants = [Variant(BASELINE, about, {}, baseline)]
@@ -199,11 +204,9 @@ def _search(raw: Any, base: dict, home: Path | None) -> tuple[SearchConfig | Non
         raise ConfigError(f"search: expected a mapping with a space: and settings, got {short(raw)}")
     settings = {k: v for k, v in raw.items() if k != "space"}
     space = parse_space(raw.get("space"), base)
-    for knob in space:
-        if knob.path.startswith(KWARGS):
-            names = {knob.path.removeprefix(KWARGS).split(".")[0]: None}
-            model = parse(OtherModel, {**base["model"], "kwargs": names}, "search.space.model")
-            builders.bind(model, home, "search.space")
+    names = {knob.path.removeprefix(KWARGS).split(".")[0]: None for knob in space if knob.path.startswith(KWARGS)}
+    if names:  # the names alone: the builder's signature decides, whatever values a trial draws
+        builders.bind(parse(OtherModel, {**base["model"], "kwargs": names}, "search.space.model"), home, "search.space")
     return parse(SearchConfig, settings, "search"), space
 
 
@@ -301,14 +304,14 @@ def set_dotted(tree: dict, path: Any, value: Any, prefix: str = "") -> None:
     def here(i: int) -> str:  # built only for an error: a path of 100,000 parts stays linear
         return prefix + ".".join(key_text(p) for p in parts[:i])
 
+    if path == "model.builder" and isinstance(tree.get("model"), dict):
+        _switch_builder(tree, value)
     node: Any = tree
     for i, part in enumerate(parts):
         if isinstance(node, list):
             part = item_index(part, node, here(i + 1))
         elif not isinstance(node, dict):
             raise ConfigError(f"{here(i + 1)}: {here(i)} is a value, not a mapping")
-        if path == "model.builder" and isinstance(node.get("model"), dict) and i == 0:
-            _switch_builder(node, value)
         if i == len(parts) - 1:
             old = node[part] if isinstance(node, list) else node.get(part)
             node[part] = deep_merge(old, copy.deepcopy(value)) if isinstance(old, dict) else copy.deepcopy(value)

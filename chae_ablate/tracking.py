@@ -275,11 +275,9 @@ class StudyLog:
         that diverged at once, NaN for anything else."""
         for run in self.client.search_runs([self.experiment_id], f"tags.cell_hash = '{cell.cell_hash}' "
                                            "and attributes.status = 'FINISHED'", max_results=1):
-            logged = run.data.metrics
-            return {name: float(logged[name]) if name in logged else
-                    (math.inf if name in (MetricName.BEST_VAL_LOSS, MetricName.TEST_LOSS) else math.nan)
-                    for name in SUMMARY_METRICS
-                    if name in logged or name != MetricName.DIVERGED_EPOCH}
+            left_out = {name: math.inf if name in (MetricName.BEST_VAL_LOSS, MetricName.TEST_LOSS) else math.nan
+                        for name in SUMMARY_METRICS if name != MetricName.DIVERGED_EPOCH}
+            return {**left_out, **_record(run).metrics}
         return None
 
     def fail_cell(self, cell_hash: str, reason: str) -> None:
