@@ -447,7 +447,7 @@ def _convert(hint: Any, value: Any, path: str) -> Any:
         value = float(value) if abs(value) < 1e300 else math.inf
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and
                                                  not (hint is int and isinstance(value, bool))):
-        raise ConfigError(f"{path}: expected {hint.__name__}, got {describe(value)}{_number_hint(hint, value)}")
+        raise ConfigError(f"{path}: expected {hint.__name__}, got {describe(value)}{number_hint(hint, value)}")
     if hint is float and not math.isfinite(value):
         raise ConfigError(f"{path}: {value} is not a finite number")
     if hint is int and not -MAX_INT <= value <= MAX_INT:
@@ -467,12 +467,17 @@ def item_index(part: str, items: list, where: str) -> int:
     return int(part)
 
 
-def _number_hint(hint: Any, value: Any) -> str:
+def number_hint(hint: Any, value: Any) -> str:
     """YAML 1.1 reads 1e-3 (no dot) as text: say how to write it as a number."""
     if hint in (int, float) and isinstance(value, str):
         try:
             number = float(value)
         except ValueError:
             return ""
-        return f" (YAML reads {short(value)} as text; write it as {number!r})" if math.isfinite(number) else ""
+        if not math.isfinite(number):
+            return ""
+        spelled = repr(number)  # 0.001, or 1e-07: YAML 1.1 needs a dot before the exponent
+        if "e" in spelled and "." not in spelled:
+            spelled = spelled.replace("e", ".0e", 1)
+        return f" (YAML reads {short(value)} as text; write it as {spelled})"
     return ""

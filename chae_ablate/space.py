@@ -17,7 +17,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .config import at_most, did_you_mean, item_index, key_text, one_of, positive, seed_range, short
+from .config import at_most, did_you_mean, item_index, key_text, number_hint, one_of, positive, seed_range, short
 from .errors import ConfigError
 from .ledger import PRUNERS, SAMPLERS
 
@@ -77,17 +77,18 @@ def parse_space(raw: Any, base: dict, where: str = "search.space") -> tuple[Knob
     knobs = []
     for path, spec in raw.items():
         here = f"{where}.{key_text(path)}"
-        check_path(base, path, here)
-        knobs.append(_choices(path, spec, here) if isinstance(spec, list) else _range(path, spec, here))
+        current = check_path(base, path, here)
+        knobs.append(_choices(path, spec, here, current) if isinstance(spec, list) else _range(path, spec, here))
     return tuple(knobs)
 
 
-def check_path(base: dict, path: Any, where: str) -> None:
-    """`path` names an existing value of the baseline's plain data (a key, or a list index)."""
+def check_path(base: dict, path: Any, where: str) -> Any:
+    """`path` names an existing value of the baseline's plain data (a key, or a list index): that
+    value (None for a builder's argument)."""
     if not isinstance(path, str) or not path:
         raise ConfigError(f"{where}: expected a dotted path such as model.transformer.depth")
     if path.startswith("model.kwargs.") and "kwargs" in base["model"]:
-        return  # another builder's argument, perhaps left at its default: its signature decides (study._search)
+        return None  # another builder's argument, perhaps left at its default: its signature decides (study._search)
     node: Any = base
     for part in path.split("."):
         if isinstance(node, dict):
@@ -98,9 +99,10 @@ def check_path(base: dict, path: Any, where: str) -> None:
             node = node[item_index(part, node, where)]
         else:
             raise ConfigError(f"{where}: {short(part)} goes through a value, not a mapping")
+    return node
 
 
-def _choices(path: str, values: list, where: str) -> Knob:
+def _choices(path: str, values: list, where: str, current: Any) -> Knob:
     if not values:
         raise ConfigError(f"{where}: empty list; give at least one value")
     if len(values) > MAX_CHOICES:
@@ -110,6 +112,8 @@ def _choices(path: str, values: list, where: str) -> Knob:
             raise ConfigError(f"{where}: {short(value)} is not a single value (numbers, text, true/false)")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: {value} is not a finite number")
+        if isinstance(current, (int, float)) and not isinstance(current, bool) and number_hint(float, value):
+            raise ConfigError(f"{where}: {short(value)} is text, not a number{number_hint(float, value)}")
     if len({repr(v) for v in values}) != len(values):
         raise ConfigError(f"{where}: a value appears twice")
     return Knob(path, choices=tuple(values))

@@ -39,6 +39,8 @@ def space(**knobs) -> dict:
     ({"model.transformer.depth": []}, "search.space.model.transformer.depth: empty list"),
     ({"model.transformer.depth": {"lo": 1, "high": 3}}, "search.space.model.transformer.depth.lo: unknown key"),
     ({"model.transformer.depth": [[1]]}, "is not a single value"),
+    ({"protocol.lr": ["1e-4", 1.0e-3]},  # before: accepted, then every trial rejected by the builder
+     "search.space.protocol.lr: '1e-4' is text, not a number (YAML reads '1e-4' as text; write it as 0.0001)"),
 ])
 def test_bad_spaces_are_one_line_errors_naming_the_field(knobs, message):
     with pytest.raises(ConfigError) as err:

@@ -177,6 +177,8 @@ def test_unsafe_names_are_refused(name):
     ({"data": {"augment": {"copies": 1}}}, "data.augment: moved to protocol.augment"),
     ({"protocol": {"lr": "1e-3"}},
      "protocol.lr: expected float, got str '1e-3' (YAML reads '1e-3' as text; write it as 0.001)"),
+    ({"protocol": {"lr": "1e-7"}},  # the fix it names is itself a YAML number: 1e-07 would be text again
+     "protocol.lr: expected float, got str '1e-7' (YAML reads '1e-7' as text; write it as 1.0e-07)"),
     ({"protocol": {"lr": float("nan")}}, "protocol.lr: nan is not a finite number"),
     ({"protocol": {"lr": float("inf")}}, "protocol.lr: inf is not a finite number"),
     ({"protocol": {"seeds": [0, 2**63]}}, "protocol.seeds.1: 9223372036854775808 is out of range"),
