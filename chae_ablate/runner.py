@@ -15,6 +15,9 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -186,12 +189,27 @@ class Worker:
             raise CellError(reason) from None
 
 
+_stops_said_later: ContextVar[list[str] | None] = ContextVar("stops_said_later", default=None)
+
+
+@contextmanager
+def stops_said_later() -> Iterator[list[str]]:
+    """Within it, a cell stopped by Ctrl-C or SIGTERM is not announced on its own line: what became
+    of it ('cell baseline/seed0 handed back to the queue') lands in the list, for the caller's one
+    last line (a search's)."""
+    token = _stops_said_later.set([])
+    try:
+        yield _stops_said_later.get()
+    finally:
+        _stops_said_later.reset(token)
+
+
 def handed_back_on_stop(what: str, release, heartbeat, work, *args, quiet: bool = False):
     """work(*args) for a held cell or trial, its heartbeat beating. When the MLflow store stays away,
     stop beating, hand it back (release(why)), wait for the store and return None; on any stop
     (Ctrl-C, SIGTERM or SLURM's signal as SystemExit, a lost ledger) hand it back and re-raise. Its
     checkpoint stays either way. quiet: say nothing on Ctrl-C or SIGTERM (a search says it in its
-    own last line)."""
+    own last line; see also stops_said_later)."""
     try:
         with heartbeat:
             return work(*args)
@@ -203,7 +221,11 @@ def handed_back_on_stop(what: str, release, heartbeat, work, *args, quiet: bool 
     except BaseException as stop:
         back = ("handed back to the queue" if best_effort(release, type(stop).__name__) else
                 "back in the queue once the grace period has passed")
-        if not (quiet and isinstance(stop, (KeyboardInterrupt, SystemExit))):
+        said_later = _stops_said_later.get()
+        if isinstance(stop, (KeyboardInterrupt, SystemExit)) and (quiet or said_later is not None):
+            if not quiet:
+                said_later.append(f"{what} {back}")
+        else:
             notify(f"{what}: stopped ({type(stop).__name__}); {back}, its checkpoint kept")
         raise
 

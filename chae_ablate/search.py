@@ -40,7 +40,7 @@ from .options import RunOptions
 from .records import CellState
 from .runner import (CellError, CellPruned, EpochReporter, RunSummary, StudySession, Worker, admit, check_runs_dir,
                      child_device, forget, handed_back_on_stop, notify, open_session, recorded, run_study, set_threads,
-                     stores)
+                     stops_said_later, stores)
 from .search_report import knobs_text, loss_text, value_text, without_trial, write_search_report
 from .space import Knob
 from .study import Study, Variant, cell_hash, config_key
@@ -108,12 +108,13 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
         say_if_changed(study, options, budget)
     cells = len(base.plan().cells)
     notify(f"search of {study.name}: training the baseline first ({cells} cell{'s' * (cells != 1)})")
-    try:
-        run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
-    except (KeyboardInterrupt, SystemExit) as stop:
-        notify(f"search of {study.name} interrupted ({stop_name(stop)}) while training the baseline, before any "
-               "trial; rerun the same command to resume")
-        raise
+    with stops_said_later() as held:  # a stop is said in one line, the search's
+        try:
+            run_study(base, options, report=False)  # phase 1, shared through the ledger like any study
+        except (KeyboardInterrupt, SystemExit) as stop:
+            notify(f"search of {study.name} interrupted ({stop_name(stop)}) while training the baseline, before "
+                   f"any trial{''.join(f'; {cell}' for cell in held)}; rerun the same command to resume")
+            raise
     session = open_session(base, options)
     plan = base.plan()
     curve = session.ledger.mean_curve({c.cell_hash for c in plan.cells})
@@ -123,23 +124,24 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     alone = options.workers <= 1 and not joining  # one searcher: a seeded, reproducible search
     ledger = search_ledger(study, options, curve, margin, budget, study.search.seeds[0] if alone else None)
     searcher = None if options.workers > 1 else Searcher(study, base, options, device, session, ledger, budget)
-    try:
-        trained = ledger.used(finished=True)
-        notify(f"search of {study.name}: {budget} trials ({study.search.sampler} sampler, {study.search.pruner} "
-               f"pruner){f', {trained} trained already' if trained else ''}")
-        if searcher is None:
-            _search_children(study, options, curve, margin, budget)
-        else:
-            searcher.run()  # phase 2
-        confirm = confirmation_study(study, ledger)
-        if confirm is not None:
-            notify(f"search of {study.name}: confirming the top {len(confirm.variants) - 1} against the baseline on "
-                   f"fresh seeds (study {confirm.name})")
-        confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
-    except (KeyboardInterrupt, SystemExit) as stop:
-        summary = SearchSummary(search_name(study), [], None, budget, interrupted=stop_name(stop))
-        notify(stopped(study, summary, ledger, searcher, report, curve, margin))
-        raise
+    with stops_said_later() as held:  # a confirmation cell handed back is listed in the one last line
+        try:
+            trained = ledger.used(finished=True)
+            notify(f"search of {study.name}: {budget} trial{'s' * (budget != 1)} ({study.search.sampler} sampler, {study.search.pruner} "
+                   f"pruner){f', {trained} trained already' if trained else ''}")
+            if searcher is None:
+                _search_children(study, options, curve, margin, budget)
+            else:
+                searcher.run()  # phase 2
+            confirm = confirmation_study(study, ledger)
+            if confirm is not None:
+                notify(f"search of {study.name}: confirming the top {len(confirm.variants) - 1} against the baseline "
+                       f"on fresh seeds (study {confirm.name})")
+            confirmation = run_study(confirm, options, report=report) if confirm else None  # phase 3
+        except (KeyboardInterrupt, SystemExit) as stop:
+            summary = SearchSummary(search_name(study), [], None, budget, interrupted=stop_name(stop))
+            notify(stopped(study, summary, ledger, searcher, held, report, curve, margin))
+            raise
     summary = SearchSummary(search_name(study), ledger.trials(), confirmation, budget)
     if report:
         summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
@@ -158,10 +160,11 @@ def stop_name(stop: BaseException) -> str:
     return f"exit {stop.code}"
 
 
-def stopped(study: Study, summary: SearchSummary, ledger: SearchLedger, searcher: Searcher | None, report: bool,
-            curve: dict[int, float], margin: float) -> str:
+def stopped(study: Study, summary: SearchSummary, ledger: SearchLedger, searcher: Searcher | None,
+            cells: list[str], report: bool, curve: dict[int, float], margin: float) -> str:
     """After a stop in the trials or the confirmation: hand back what this process still holds, write
-    the report of the trials done (no confirmation) and return the one line that says so."""
+    the report of the trials done (no confirmation) and return the one line that says so (with
+    `cells`: what became of the confirmation cells it held, from runner.stops_said_later)."""
     parts = []
     try:
         returned = ledger.release_all(summary.interrupted)  # a trial asked but not yet training
@@ -177,6 +180,7 @@ def stopped(study: Study, summary: SearchSummary, ledger: SearchLedger, searcher
             parts.append(f"trial {searcher.training} goes back to the queue once the grace period has passed")
     if returned:
         parts.append(f"trial{'s' * (len(returned) > 1)} {', '.join(map(str, returned))} returned to the queue")
+    parts.extend(cells)
     if report:
         try:
             summary.report = write_search_report(study, summary, ledger.importances(), curve, margin)
@@ -317,13 +321,18 @@ class Searcher:
         return None
 
     def train_trial(self, trial: SearchTrial, config) -> None:
-        """Train the trial's seeds; report the first seed's epochs to the pruner; tell the mean."""
+        """Train the trial's seeds; report the first seed's epochs to the pruner; tell the mean. A
+        trial is never pruned after its last epoch when it has one seed: that would save no training
+        and lose a finished value."""
         variant = Variant(f"trial{trial.number}", json.dumps(trial.params, default=str), dict(trial.params), config)
-        values = []
-        for i, seed in enumerate(self.study.search.seeds):
+        seeds, values = self.study.search.seeds, []
+        def saves_training(epoch: int) -> bool:
+            return epoch < config.protocol.epochs or len(seeds) > 1
+        for i, seed in enumerate(seeds):
             cell = self.base.cell(variant, seed)  # the study's rules (vary_split) apply to trials too
             first = i == 0  # the pruner judges the first seed's curve
-            reporter = EpochReporter(lambda epoch, loss: first and self.ledger.report(trial, epoch, loss),
+            reporter = EpochReporter(lambda epoch, loss: first and self.ledger.report(trial, epoch, loss)
+                                     and saves_training(epoch),
                                      lambda: self.ledger.reported_epochs(trial) if first else set(),
                                      lambda: self.ledger.confirm_held(trial))
             try:

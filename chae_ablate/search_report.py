@@ -275,6 +275,9 @@ def write_search_report(study, summary, importances: dict[str, float], curve: di
     return atomic_write_text(out / "report.md", render_markdown(blocks))
 
 
+LAST_EPOCH_KEPT = " (never after a trial's last epoch: with one seed that would save nothing)"
+
+
 def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, figures) -> list[Block]:
     s = study.search
     counts = table["state"].value_counts()
@@ -290,7 +293,7 @@ def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, fig
                             f"of its {summary.budget} trials trained; its confirmation has not run. Rerun the same "
                             "command to resume it."))
     blocks += [
-        ("p", f"Sampler: {s.sampler}; pruner: {pruner}. Budget: {summary.budget} trained trials"
+        ("p", f"Sampler: {s.sampler}; pruner: {pruner}{LAST_EPOCH_KEPT * (len(s.seeds) == 1)}. Budget: {summary.budget} trained trials"
               f"{f' (--trials; the study file says {s.trials})' if summary.budget != s.trials else ''} (rejected "
               f"combinations do not count), seeds per trial: {list(s.seeds)}."),
         ("p", f"Trials: {int(counts.get(CellState.DONE, 0))} finished, {int(counts.get(CellState.PRUNED, 0))} pruned, "

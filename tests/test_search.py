@@ -298,3 +298,58 @@ def test_the_search_report_states_the_budget_in_force_and_no_partial_loss_as_a_v
 def test_worker_trials_belongs_to_a_search(workdir):
     result = CliRunner().invoke(app, ["worker", str(STUDIES / "synthetic-tiny.yaml"), "--trials", "3"])
     assert result.exit_code == 1 and "worker --trials: only with --search" in result.output
+
+
+HOPELESS_SEARCH = """
+base: {tiny}
+name: hopeless
+variants: {{depth2: null}}
+protocol: {{epochs: 1, seeds: [0]}}
+analysis: {{min_seeds: 2, max_seeds: 2, margin: 0.001, relative: false}}
+search:
+  trials: 1
+  top_k: 1
+  seeds: {seeds}
+  pruner: baseline
+  space:
+    protocol.lr: [{lr}]
+"""
+
+
+@pytest.mark.slow
+def test_a_one_seed_trial_is_never_pruned_after_its_last_epoch(workdir):
+    """Before, a one-epoch search pruned its hopeless trial after its only epoch: no training saved,
+    and the finished value thrown away. With two seeds, pruning there still saves the second seed."""
+    from chae_ablate.runner import RunOptions
+    from chae_ablate.search import run_search
+
+    path, options = workdir / "hopeless.yaml", RunOptions(progress=False)
+    path.write_text(HOPELESS_SEARCH.format(tiny=STUDIES / "synthetic-tiny.yaml", seeds="[0, 1]", lr="1.0e-7"))
+    two = run_search(load_study(path), options, report=False)
+    assert [(t["state"], t["pruned_at_epoch"]) for t in two.trials] == [("pruned", 1)]  # the pruner says stop
+    assert two.confirmation is None
+
+    path.write_text(HOPELESS_SEARCH.format(tiny=STUDIES / "synthetic-tiny.yaml", seeds="[0]", lr="2.0e-7"))  # not the cell above
+    one = run_search(load_study(path), options, report=False)
+    assert [t["state"] for t in one.trials] == ["done"]
+    # as hopeless as the pruned one (one epoch at lr 2e-7 or 1e-7 barely moves the weights): a value the
+    # pruner would have stopped, kept
+    assert one.trials[0]["value"] == pytest.approx(two.trials[0]["loss_when_pruned"], rel=1e-3)
+
+
+def test_a_stop_while_the_baseline_trains_is_said_in_one_line(workdir, capsys, monkeypatch):
+    """Before, the cell's own 'stopped ... handed back' line came first, then the search's."""
+    from chae_ablate.ledger.queue import Claim
+    from chae_ablate.runner import RunOptions
+    from chae_ablate.search import run_search
+
+    def interrupted(claim, epoch, loss):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Claim, "report", interrupted)
+    path = workdir / "hopeless.yaml"
+    path.write_text(HOPELESS_SEARCH.format(tiny=STUDIES / "synthetic-tiny.yaml", seeds="[0]", lr="1.0e-7"))
+    with pytest.raises(KeyboardInterrupt):
+        run_search(load_study(path), RunOptions(progress=False), report=False)
+    said = [line for line in capsys.readouterr().err.splitlines() if "training the baseline first" not in line]
+    assert said == ["search of hopeless interrupted (SIGINT) while training the baseline, before any trial; "
+                    "cell baseline/seed0 handed back to the queue; rerun the same command to resume"]
