@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
@@ -235,6 +234,7 @@ def report_figures(summary: pd.DataFrame, table: pd.DataFrame, epochs: pd.DataFr
                    margin: float) -> list[tuple[str, Figure, str]]:
     """The report's three figures: (name, figure, caption) each (the report saves them, the API
     returns them)."""
+    import seaborn as sns  # 0.3 s: a worker that only draws learning curves never needs it
     with sns.axes_style("whitegrid"):
         return [("differences", fig_forest(summary, margin),
                  "Difference from the baseline per variant with the interval its verdict was read from; "

@@ -36,7 +36,6 @@ from .ledger import (Claim, Ledger, TakenOver, delete_study, lost_ledger, masked
 from .metrics import Metric
 from .options import RunOptions
 from .records import CellRecord, CellState, PlannedCell
-from .report import summary_table_text, write_report
 from .study import Cell, Study
 from .train import CellFailed, checkpoint_epochs, pick_device, train_cell
 from .versions import Version
@@ -412,6 +411,7 @@ def run_study(study: Study, options: RunOptions, report: bool = True) -> RunSumm
     summary = RunSummary(study.name, list(standing.records.values()), link=tracking.experiment_link(study.name))
     others_training = any(c.state in (CellState.QUEUED, CellState.RUNNING) for c in summary.cells)
     if report and not (others_training and not options.linger):  # the last to finish writes it, whole
+        from .report import summary_table_text, write_report  # scipy, seaborn: only where a report is written
         summary.report = write_report(study.name, plan=study.plan())
         summary.verdicts = summary_table_text(summary.report.parent)
     return summary
