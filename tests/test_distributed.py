@@ -27,6 +27,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import chae_ablate
 from chae_ablate.cli import app
 
 from conftest import STUDIES, assert_undisturbed_metrics, chae_here, slow_study, undisturbed_metrics
@@ -254,6 +255,12 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
     assert set(zip(tables[0]["variant"], tables[0]["seed"])) == {
         (v, s) for v in ("baseline", "depth2") for s in (0, 1, 2)}
     pd.testing.assert_frame_equal(tables[0], tables[1])
+
+    # a notebook on a machine that ran nothing: the API reads the server and the PostgreSQL ledger
+    results = chae_ablate.load(study, folder=tmp_path / "r1", tracking_uri=mlflow_server, storage=postgres,
+                               overrides={"protocol.seeds": [0, 1, 2]})  # as the workers' --seeds
+    pd.testing.assert_frame_equal(results.results().replace("", float("nan")), tables[0], check_dtype=False)
+    assert len(results.curves()) == 6 * 2 and set(results.status()["state"]) == {"done"}
 
 
 def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path, monkeypatch):
