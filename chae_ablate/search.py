@@ -176,7 +176,8 @@ def stopped(study: Study, summary: SearchSummary, ledger: SearchLedger, searcher
     parts.append(f"{done} of {summary.budget} trials trained")
     if searcher is not None:
         returned = searcher.handed_back + returned
-        if searcher.training is not None and searcher.training not in returned:
+        running = {t["number"] for t in summary.trials if t["state"] == CellState.RUNNING}
+        if searcher.training in running and searcher.training not in returned:  # not one that just ended
             parts.append(f"trial {searcher.training} goes back to the queue once the grace period has passed")
     if returned:
         parts.append(f"trial{'s' * (len(returned) > 1)} {', '.join(map(str, returned))} returned to the queue")

@@ -131,3 +131,36 @@ def test_parallel_coordinates_draw_one_line_per_finished_trial_the_best_in_red(c
         assert len(fig.axes) == 2  # and a colourbar of the value
     else:
         assert not red
+
+
+class StoppedLedger:
+    """What stopped() reads of a search's ledger: its trials, nothing left to hand back."""
+
+    def __init__(self, states: dict[int, str]):
+        self.states = states
+
+    def release_all(self, why: str) -> list[int]:
+        return []
+
+    def trials(self) -> list[dict]:
+        return [trial(n, state) for n, state in self.states.items()]
+
+    def used(self, finished: bool = False) -> int:
+        return sum(state in ("done", "pruned") for state in self.states.values())
+
+
+@pytest.mark.parametrize("state, said", [
+    ("pruned", ""),  # the stop came after trial 1 was told, before the searcher moved on
+    ("running", "; trial 1 goes back to the queue once the grace period has passed")])
+def test_a_stop_says_a_trial_goes_back_only_while_it_is_running(state, said):
+    """Before, a SIGINT just after '[2/12 trials] trial 1 ...: pruned at epoch 1' ended with 'trial 1
+    goes back to the queue once the grace period has passed', of a trial already ended."""
+    from types import SimpleNamespace
+    from chae_ablate.search import stopped
+    study = load_study(STUDIES / "search-quickstart.yaml")
+    summary = SearchSummary("search-quickstart-search", [], None, 12, interrupted="SIGINT")
+    searcher = SimpleNamespace(handed_back=[], training=1)
+    line = stopped(study, summary, StoppedLedger({0: "pruned", 1: state}), searcher, [], False, {}, 0.1)
+    done = 2 if state == "pruned" else 1
+    assert line == (f"search of search-quickstart interrupted (SIGINT): {done} of 12 trials trained{said}; "
+                    "rerun the same command to resume")
