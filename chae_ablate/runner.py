@@ -269,11 +269,13 @@ class EpochReporter:
         self.report, self.reported, self.confirm_held, self.run = report, reported, confirm_held, None
 
     def log_missed_epochs(self, history: list[dict[str, float]]) -> None:
+        """A resumed cell's epochs from its checkpoint: those MLflow or the ledger lack are logged, and
+        the pruner, asked of them, may stop the cell before it trains any further."""
         self.run.log_missed_epochs(history)
         known = self.reported()
         for epoch, metrics in enumerate(history, start=1):
-            if epoch not in known:
-                self.report(epoch, metrics[Metric.VAL_LOSS])
+            if epoch not in known and self.report(epoch, metrics[Metric.VAL_LOSS]):
+                raise CellPruned(epoch)
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         self.run.log_epoch(epoch, metrics)

@@ -164,3 +164,38 @@ def test_a_stop_says_a_trial_goes_back_only_while_it_is_running(state, said):
     done = 2 if state == "pruned" else 1
     assert line == (f"search of search-quickstart interrupted (SIGINT): {done} of 12 trials trained{said}; "
                     "rerun the same command to resume")
+
+
+def test_a_resumed_seeded_search_proposes_new_knobs_not_its_first_trials_again(tmp_path):
+    """Before, a search stopped after 2 trials and rerun asked its seeded sampler afresh, which drew
+    trial 0's and trial 1's knobs again: trials 2 and 3 repeated them and used two of the budget."""
+    from chae_ablate.ledger import SearchLedger
+    study = load_study(STUDIES / "search-quickstart.yaml")
+    def ledger():
+        return SearchLedger("s-trials", f"sqlite:///{tmp_path / 'o.db'}", "tpe", "baseline", seed=0, budget=12,
+                            curve={1: 1.0}, margin=0.1, epochs=1)
+    first = ledger()
+    asked = [first.ask(study.space) for _ in range(2)]
+    for trial in asked:
+        first.finish(trial, None, pruned_at=1)
+    resumed = [ledger().ask(study.space).params for _ in range(2)]
+    assert all(params not in [t.params for t in asked] for params in resumed)
+    fresh = SearchLedger("other-trials", f"sqlite:///{tmp_path / 'o.db'}", "tpe", "baseline", seed=0, budget=12,
+                         curve={1: 1.0}, margin=0.1, epochs=1)
+    assert fresh.ask(study.space).params == asked[0].params  # a search from the start is still reproducible
+
+
+def test_a_resumed_cell_is_pruned_by_its_checkpointed_epochs_before_training_on():
+    """Before, the epochs a resumed cell's checkpoint held were reported without asking the pruner: a
+    repeated configuration of a pruned trial trained on past the epoch that had pruned it."""
+    from types import SimpleNamespace
+    from chae_ablate.runner import CellPruned, EpochReporter
+    reported = []
+    def report(epoch, loss):
+        reported.append(epoch)
+        return loss > 1.0  # the pruner: worse than the baseline's curve
+    reporter = EpochReporter(report, lambda: set(), lambda: None)
+    reporter.run = SimpleNamespace(log_missed_epochs=lambda history: None)
+    with pytest.raises(CellPruned) as pruned:
+        reporter.log_missed_epochs([{"val_loss": 0.9}, {"val_loss": 1.2}, {"val_loss": 1.3}])
+    assert pruned.value.epoch == 2 and reported == [1, 2]

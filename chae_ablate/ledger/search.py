@@ -89,6 +89,9 @@ class SearchLedger(ClaimedStudy):
                  grace_s: int | None = None, retries: int | None = None):
         super().__init__(name, url, heartbeat_s=heartbeat_s, grace_s=grace_s, retries=retries,
                          sampler=SAMPLERS[sampler](seed, budget), pruner=PRUNERS[pruner].make(curve, margin, epochs))
+        if seed is not None and (asked := len(self.study.get_trials(deepcopy=False))):
+            # a resumed seeded search: the same seed would propose the first trials' knobs again
+            self.study.sampler = SAMPLERS[sampler](seed + asked, budget)
         self._held: dict[int, tuple[Trial, str]] = {}  # number -> (trial, holder token)
 
     def describe(self, settings: dict) -> None:
