@@ -127,8 +127,8 @@ def run_search(study: Study, options: RunOptions, trials: int | None = None, rep
     with stops_said_later() as held:  # a confirmation cell handed back is listed in the one last line
         try:
             trained = ledger.used(finished=True)
-            notify(f"search of {study.name}: {budget} trial{'s' * (budget != 1)} ({study.search.sampler} sampler, {study.search.pruner} "
-                   f"pruner){f', {trained} trained already' if trained else ''}")
+            notify(f"search of {study.name}: {budget} trial{'s' * (budget != 1)} ({study.search.sampler} sampler, "
+                   f"{study.search.pruner} pruner){f', {trained} trained already' if trained else ''}")
             if searcher is None:
                 _search_children(study, options, curve, margin, budget)
             else:

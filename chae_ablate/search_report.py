@@ -293,7 +293,8 @@ def _blocks(study, summary, table: pd.DataFrame, importances, curve, margin, fig
                             f"of its {summary.budget} trials trained; its confirmation has not run. Rerun the same "
                             "command to resume it."))
     blocks += [
-        ("p", f"Sampler: {s.sampler}; pruner: {pruner}{LAST_EPOCH_KEPT * (len(s.seeds) == 1)}. Budget: {summary.budget} trained trials"
+        ("p", f"Sampler: {s.sampler}; pruner: {pruner}{LAST_EPOCH_KEPT * (len(s.seeds) == 1)}. "
+              f"Budget: {summary.budget} trained trials"
               f"{f' (--trials; the study file says {s.trials})' if summary.budget != s.trials else ''} (rejected "
               f"combinations do not count), seeds per trial: {list(s.seeds)}."),
         ("p", f"Trials: {int(counts.get(CellState.DONE, 0))} finished, {int(counts.get(CellState.PRUNED, 0))} pruned, "
