@@ -203,12 +203,21 @@ def conclusion(summary: pd.DataFrame, analysis: AnalysisConfig, standing: Outcom
 def format_summary_table(summary: pd.DataFrame) -> str:
     """A short plain-text table for a terminal: variant, seeds, metric, difference, verdict."""
     rows = [("variant", "seeds", summary["metric"].iloc[0] if len(summary) else "metric",
-             "difference [interval at its look's level]", "verdict")]
+             "difference [interval its verdict is read from, at its look's level]", "verdict")]
     rows += [(r.variant, _seeds(r), _mean_sd(r.mean, r.sd, r.n),
-              "" if r.variant == BASELINE else f"{number_text(r.diff, '+.3f')} {_interval(r.diff_low, r.diff_high)}",
+              "" if r.variant == BASELINE else f"{number_text(r.diff, '+.3f')} {_verdict_interval(r)}",
               r.verdict) for r in summary.itertuples()]
     widths = [max(len(row[i]) for row in rows) for i in range(5)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+
+def _verdict_interval(r: Any) -> str:
+    """An equivalent variant's 1 - 2a interval (TOST, inside the margin); any other's 1 - a interval
+    (better or worse when it excludes 0). Before, an equivalent variant showed its 1 - a interval,
+    which may reach past the margin."""
+    if r.verdict_code == Verdict.EQUIVALENT:
+        return f"{_interval(r.eq_low, r.eq_high)} (TOST)"
+    return _interval(r.diff_low, r.diff_high)
 
 
 def read_summary(report_dir: Path) -> pd.DataFrame:

@@ -257,14 +257,17 @@ def test_forest_plot_colours_its_verdicts(known_report):
 def test_format_summary_table(known_report):
     _, summary, _, _ = known_report
     lines = report.format_summary_table(summary.reset_index()).splitlines()
-    assert lines[0].split() == ["variant", "seeds", "best_val_loss", "difference", "[interval", "at", "its",
-                                "look's", "level]", "verdict"]
+    assert lines[0].split() == ["variant", "seeds", "best_val_loss", "difference", "[interval", "its", "verdict",
+                                "is", "read", "from,", "at", "its", "look's", "level]", "verdict"]
     assert len(lines) == 1 + len(KNOWN)
     base = np.array(list(BASE.values()))
     assert lines[1].split() == ["baseline", "6/6", f"{base.mean():.3f}", "±", f"{base.std(ddof=1):.3f}", "baseline"]
     x, b = paired("worse")
     ref = reference(KNOWN, "worse", ALPHA / len(DIFFS), 0.05, relative=True)
     assert f"{np.mean(x - b):+.3f} [{ref.low:+.3f}, {ref.high:+.3f}]" in lines[2 + list(DIFFS).index("worse")]
+    x, b = paired("same")  # equivalent: the TOST interval it was read from, inside the margin
+    ref = reference(KNOWN, "same", ALPHA / len(DIFFS), 0.05, relative=True)
+    assert f"{np.mean(x - b):+.3f} [{ref.eq_low:+.3f}, {ref.eq_high:+.3f}] (TOST)" in lines[2 + list(DIFFS).index("same")]
     assert lines[-1].endswith("better (less than the margin)")
     assert report.summary_table_text(known_report[0].parent).splitlines() == lines
 
