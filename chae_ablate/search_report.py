@@ -169,19 +169,22 @@ def fig_importances(importances: dict[str, float]) -> Figure:
 
 
 def fig_slices(table: pd.DataFrame, knobs: list) -> Figure:
-    """Value against each knob (a space.Knob), one panel per knob (finished trials)."""
+    """Value against each knob (a space.Knob), one panel per knob (finished trials), the knob's whole
+    space on the x axis, placed as in the parallel coordinates (knob_axis)."""
     cols = min(3, max(1, len(knobs)))
     rows = -(-max(1, len(knobs)) // cols)
     fig = Figure(figsize=(4.2 * cols, 3.4 * rows), layout="constrained")
     axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
     done = finished(table)
     for ax, knob in zip(axes, knobs):
-        values = done[knob.path] if knob.path in done else pd.Series(dtype=float)
-        numeric = pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)
-        ax.scatter(values if numeric else values.astype(str), done["value"], c=done["trial"], cmap="viridis", s=24)
-        if knob.log:
-            ax.set_xscale("log")
+        placed, labels = knob_axis(knob, done[knob.path] if knob.path in done else pd.Series(dtype=float))
+        ax.scatter(placed, done["value"], c=done["trial"], cmap="viridis", s=24)
+        ax.set_xticks([x for x, _ in labels], [text for _, text in labels])
+        ax.set_xlim(-0.05, 1.05)
         ax.set(xlabel=knob.path, ylabel="value", title=knob.path)
+        if done.empty:  # a partial report before any trial finished: no made-up value axis
+            ax.set_yticks([])
+            ax.text(0.5, 0.5, "no finished trial yet", ha="center", va="center", transform=ax.transAxes)
     for ax in axes[len(knobs):]:
         ax.set_visible(False)
     fig.suptitle("Slices: value against each knob (colour = trial number)")

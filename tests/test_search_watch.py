@@ -12,7 +12,7 @@ import pytest
 
 from chae_ablate.ledger import SearchTrial
 from chae_ablate.search import SearchSummary, stop_name, trial_line
-from chae_ablate.search_report import (fig_history, fig_parallel, knobs_text, short_names, trials_table,
+from chae_ablate.search_report import (fig_history, fig_parallel, fig_slices, knobs_text, short_names, trials_table,
                                        write_search_report)
 from chae_ablate.study import load_study
 
@@ -131,6 +131,23 @@ def test_parallel_coordinates_draw_one_line_per_finished_trial_the_best_in_red(c
         assert len(fig.axes) == 2  # and a colourbar of the value
     else:
         assert not red
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_slices_show_each_knobs_space_and_only_finished_values(case):
+    """Before, a partial report with no finished trial drew empty panels on made-up axes (value
+    -0.04..0.04, lr 1..10)."""
+    trials = CASES[case]
+    fig = fig_slices(trials_table(trials), list(STUDY.space))
+    values = finished_values(trials)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert [t.get_text() for t in panels["protocol.lr"].get_xticklabels()] == ["0.0001", "0.001", "0.01"]
+    assert [t.get_text() for t in panels["model.transformer.heads"].get_xticklabels()] == ["2", "3", "4", "8"]
+    for ax in panels.values():
+        points = ax.collections[0].get_offsets()
+        assert sorted(points[:, 1]) == sorted(values.values())  # finished values only, never inf
+        assert ((points[:, 0] >= 0) & (points[:, 0] <= 1)).all()  # inside the knob's space
+        assert ([t.get_text() for t in ax.texts] == ["no finished trial yet"]) == (not values)
 
 
 class StoppedLedger:
