@@ -196,9 +196,10 @@ def stops_said_later() -> Iterator[list[str]]:
     """Within it, a cell stopped by Ctrl-C or SIGTERM is not announced on its own line: what became
     of it ('cell baseline/seed0 handed back to the queue') lands in the list, for the caller's one
     last line (a search's)."""
-    token = _stops_said_later.set([])
+    said: list[str] = []
+    token = _stops_said_later.set(said)
     try:
-        yield _stops_said_later.get()
+        yield said
     finally:
         _stops_said_later.reset(token)
 

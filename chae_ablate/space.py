@@ -107,13 +107,14 @@ def _choices(path: str, values: list, where: str, current: Any) -> Knob:
         raise ConfigError(f"{where}: empty list; give at least one value")
     if len(values) > MAX_CHOICES:
         raise ConfigError(f"{where}: {len(values)} values; at most {MAX_CHOICES} are supported")
+    numeric = isinstance(current, (int, float)) and not isinstance(current, bool)  # the baseline's value is a number
     for value in values:
         if value is not None and not isinstance(value, (bool, int, float, str)):
             raise ConfigError(f"{where}: {short(value)} is not a single value (numbers, text, true/false)")
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{where}: {value} is not a finite number")
-        if isinstance(current, (int, float)) and not isinstance(current, bool) and number_hint(float, value):
-            raise ConfigError(f"{where}: {short(value)} is text, not a number{number_hint(float, value)}")
+        if numeric and (hint := number_hint(float, value)):
+            raise ConfigError(f"{where}: {short(value)} is text, not a number{hint}")
     if len({repr(v) for v in values}) != len(values):
         raise ConfigError(f"{where}: a value appears twice")
     return Knob(path, choices=tuple(values))
