@@ -463,7 +463,13 @@ def run_worker(study: Study, options: RunOptions) -> int:
 
 
 def set_threads(options: RunOptions, workers: int) -> None:
-    torch.set_num_threads(options.threads or max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(options.threads or max(1, usable_cores() // workers))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (taskset and SLURM's task affinity narrow them), where
+    os.cpu_count() counts the machine's: more torch threads than cores wait on each other."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class StudyProgress:

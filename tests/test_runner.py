@@ -128,6 +128,23 @@ def final_metrics(cwd: Path) -> dict:
     return {r.data.tags["variant"]: r for r in runs}, client
 
 
+
+def test_default_threads_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+    """Under taskset or SLURM's task affinity a worker may use fewer cores than os.cpu_count()
+    says; a torch thread per machine core would then wait on the others (a 0.2 s cell took 10-20 s)."""
+    from chae_ablate.runner import set_threads
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        for allowed, workers, expected in (({3}, 1, 1), ({0, 1, 2, 3}, 1, 4), ({0, 1, 2, 3}, 2, 2), ({5}, 2, 1)):
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid, allowed=allowed: set(allowed), raising=False)
+            set_threads(RunOptions(), workers)
+            assert torch.get_num_threads() == expected, (allowed, workers)
+        set_threads(RunOptions(threads=3), 2)
+        assert torch.get_num_threads() == 3  # --threads wins
+    finally:
+        torch.set_num_threads(threads)
+
 @pytest.mark.slow
 def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path, monkeypatch):
     (tmp_path / "s.yaml").write_text(SLOW_STUDY)
