@@ -21,6 +21,7 @@ machine learning benchmarks, MLSys.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import zlib
 from collections.abc import Mapping, Sequence
@@ -28,9 +29,20 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import optimize, stats
 
 from .records import Verdict
+
+
+class _OnFirstUse:
+    """A module imported when first used: scipy.stats costs a worker that only trains 0.6 s."""
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+stats, optimize = _OnFirstUse("scipy.stats"), _OnFirstUse("scipy.optimize")
 
 CONFIDENCE = 0.95  # level of the descriptive interval of each variant's mean
 ALPHA = 0.05  # default family-wise error rate of the verdicts
