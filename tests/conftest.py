@@ -11,11 +11,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
 ARTISTS11 = REPO.parent / "shared" / "data" / "artists11"
-# The files of longest end-to-end runs (measured: ~100-300 s each on one core), started first so
+# The files of longest end-to-end runs (measured: ~40-170 s each on one core), started first so
 # that the README's two test processes (pytest -n 2 --dist loadfile) end together; the other files
 # follow in the order collected. A stale list costs only balance.
-LONGEST_FIRST = ("test_distributed.py", "test_search.py", "test_decisive.py", "test_cluster.py",
-                 "test_runner.py", "test_hardening.py", "test_gpu.py", "test_claims.py")
+LONGEST_FIRST = ("test_chaos.py", "test_distributed.py", "test_search.py", "test_cluster.py", "test_decisive.py",
+                 "test_runner.py", "test_hardening.py", "test_gpu.py", "test_claims.py", "test_versions.py")
 
 
 def pytest_configure(config):
@@ -100,6 +100,15 @@ def _mlflow_schema_built_once(tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(utils, "_initialize_tables", copy_of_template)
         yield
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    """A throw-away PostgreSQL cluster for the session (servers.postgres_cluster); yields the URL of
+    an empty database `chae`. Skips, with the reason, where PostgreSQL is missing."""
+    from servers import postgres_cluster
+    with postgres_cluster(tmp_path_factory) as url:
+        yield url
 
 
 @pytest.fixture

@@ -3,25 +3,18 @@
 Each worker is a separate `chae-ablate` process with its own working directory and runs dir, so
 the processes share nothing but the two servers, as on separate machines (a machine that only
 follows the others, a report's or a kill's survivor, is the CLI in the test process, in a folder of
-its own). Skipped, with the reason, where the PostgreSQL binaries are missing.
+its own). Skipped, with the reason, where the PostgreSQL binaries are missing. The servers and the
+processes are tests/servers.py's; the chaos test (outage and kills) is tests/test_chaos.py.
 """
 from __future__ import annotations
 
-import glob
 import os
-import pwd
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
-import mlflow
 import optuna
 import pandas as pd
 import pytest
@@ -30,119 +23,14 @@ from typer.testing import CliRunner
 import chae_ablate
 from chae_ablate.cli import app
 
-from conftest import STUDIES, assert_undisturbed_metrics, chae_here, slow_study, undisturbed_metrics
+from conftest import STUDIES, chae_here, slow_study
+from servers import (cell_runs, cli, finish, free_port, ledger_trials, optuna_storage, start_mlflow, stop_mlflow,
+                     study_file)
 
 pytestmark = pytest.mark.slow
 DONE_ROW = re.compile(r"^\S+\s+\d+\s+done\s", re.M)  # a row of the cells table `run` prints
 
 SLOW_STUDY = slow_study("dist-kill")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_until(ready, timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if ready():
-            return
-        time.sleep(0.3)
-    tail = log.read_text()[-2000:] if log and log.exists() else ""
-    pytest.skip(f"{what} did not start within {timeout:.0f} s\n{tail}")
-
-
-def _pg_bin() -> Path | None:
-    for candidate in [shutil.which("initdb"), *sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))[::-1]]:
-        if candidate and Path(candidate).with_name("postgres").exists():
-            return Path(candidate).resolve().parent
-    return None
-
-
-@pytest.fixture(scope="session")
-def postgres(tmp_path_factory):
-    """A throw-away PostgreSQL cluster; yields the URL of an empty database `chae`."""
-    bindir = _pg_bin()
-    if bindir is None:
-        pytest.skip("PostgreSQL binaries (initdb, postgres) not found on PATH or in /usr/lib/postgresql/*/bin; "
-                    "install postgresql to run the multi-machine tests")
-    psycopg2 = pytest.importorskip("psycopg2", reason="psycopg2 missing: pip install -e '.[dev]'")
-    user = {}
-    if os.geteuid() == 0:  # postgres refuses to run as root: run it as the `postgres` user
-        try:
-            pw = pwd.getpwnam("postgres")
-        except KeyError:
-            pytest.skip("running as root and there is no `postgres` user to run PostgreSQL as")
-        user = {"user": pw.pw_uid, "group": pw.pw_gid}
-        # pytest's tmp root is private to root, so the cluster lives in its own folder
-        base = Path(tempfile.mkdtemp(prefix="chae-pg-"))
-        os.chown(base, pw.pw_uid, pw.pw_gid)
-    else:
-        base = tmp_path_factory.mktemp("pg")
-    data, port, log = base / "data", free_port(), base / "postgres.log"
-    initdb = subprocess.run([bindir / "initdb", "-D", data, "-U", "postgres", "-A", "trust", "--no-sync",
-                             "-E", "UTF8"], cwd=base, capture_output=True, text=True, **user)
-    if initdb.returncode:
-        pytest.skip(f"initdb failed: {initdb.stderr.strip()[-500:]}")
-    with open(log, "w") as out:
-        os.chown(log, *(user.values() or (os.getuid(), os.getgid())))
-        server = subprocess.Popen([bindir / "postgres", "-D", data, "-h", "127.0.0.1", "-p", str(port),
-                                   "-k", base, "-c", "fsync=off"], cwd=base, stdout=out,
-                                  stderr=subprocess.STDOUT, **user)
-
-    def accepting() -> bool:
-        try:
-            psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres").close()
-            return True
-        except psycopg2.OperationalError:
-            return False
-    try:
-        wait_until(accepting, 30, "PostgreSQL", log)
-        conn = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", dbname="postgres")
-        conn.autocommit = True
-        conn.cursor().execute("CREATE DATABASE chae")
-        conn.close()
-        yield f"postgresql://postgres@127.0.0.1:{port}/chae"
-    finally:
-        server.send_signal(signal.SIGINT)  # fast shutdown
-        server.wait(timeout=30)
-        if user:
-            shutil.rmtree(base, ignore_errors=True)
-
-
-def start_mlflow(base: Path, port: int) -> tuple[subprocess.Popen, str]:
-    """`mlflow server` with a sqlite backend and its own artifact store in `base`, once it answers.
-    Its job execution (a job runner and its huey consumers, about nine more processes that each
-    import MLflow, for GenAI jobs) is off: chae-ablate uses the tracking API only, and the server
-    starts in about half the time."""
-    base.mkdir(parents=True, exist_ok=True)
-    log = base / "mlflow.log"
-    with open(log, "a") as out:
-        server = subprocess.Popen([sys.executable, "-m", "mlflow", "server",
-                                   "--backend-store-uri", f"sqlite:///{base / 'mlflow.db'}",
-                                   "--artifacts-destination", str(base / "artifacts"),
-                                   "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                                  cwd=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
-    url = f"http://127.0.0.1:{port}"
-
-    def healthy() -> bool:
-        try:
-            return urllib.request.urlopen(f"{url}/health", timeout=2).status == 200
-        except OSError:
-            return server.poll() is not None  # died: stop waiting
-    wait_until(healthy, 90, "mlflow server", log)
-    if server.poll() is not None:
-        pytest.skip(f"mlflow server exited:\n{log.read_text()[-2000:]}")
-    return server, url
-
-
-def stop_mlflow(server: subprocess.Popen) -> None:
-    if server.poll() is None:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 @pytest.fixture(scope="session")
@@ -155,55 +43,6 @@ def mlflow_server(tmp_path_factory):
         stop_mlflow(server)
 
 
-def cli(*args: str, cwd: Path, tracking: str | None, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """`chae-ablate ARGS` in its own process group, working directory and runs dir (env: more variables)."""
-    cwd.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    if tracking:
-        env["MLFLOW_TRACKING_URI"] = tracking
-    return subprocess.Popen([sys.executable, "-m", "chae_ablate", *args, "--no-progress", "--device", "cpu"],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    try:
-        out, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        out, _ = process.communicate()
-        pytest.fail(f"timed out:\n{out}")
-    assert process.returncode == 0, out
-    assert "Traceback" not in out, out
-    return out
-
-
-def study_file(tmp_path: Path, text: str, name: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(text.replace(text.split("name: ", 1)[1].split("\n", 1)[0], name, 1))
-    return path
-
-
-def optuna_storage(url: str):
-    """What optuna.load_study takes for a --storage URL (a journal file, or PostgreSQL through psycopg2)."""
-    if url.startswith("journal:"):
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(url[len("journal:"):]))
-    return url.replace("postgresql://", "postgresql+psycopg2://")
-
-
-def ledger_trials(storage: str, name: str) -> list:
-    return optuna.load_study(study_name=name, storage=optuna_storage(storage)).get_trials()
-
-
-def held(storage: str, name: str) -> int:
-    """How many of the study's cells workers hold now (0 before the study exists)."""
-    try:
-        return sum(t.state == optuna.trial.TrialState.RUNNING for t in ledger_trials(storage, name))
-    except KeyError:
-        return 0
-
-
 def as_elsewhere(storage: str, name: str, trial) -> None:
     """Rewrite a running trial's holder as a process of another machine (whose death this machine
     cannot see), as a worker on another node would have left it."""
@@ -211,14 +50,6 @@ def as_elsewhere(storage: str, name: str, trial) -> None:
     study = optuna.load_study(study_name=name, storage=optuna_storage(storage))
     _, pid, token = trial.user_attrs[HOLDER].split("/")
     study._storage.set_trial_user_attr(trial._trial_id, HOLDER, f"another-machine/{pid}/{token}")
-
-
-def cell_runs(tracking: str, name: str) -> tuple[list, list]:
-    client = mlflow.tracking.MlflowClient(tracking)
-    exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
-    return ([r for r in runs if r.data.tags.get("chae.role") == "study"],
-            [r for r in runs if r.data.tags.get("chae.role") == "cell"])
 
 
 def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflow_server, tmp_path,
@@ -374,89 +205,3 @@ def test_workers_creating_the_ledger_schema_at_once_all_open_it(postgres):
     admin.close()
     errors = [failures.get() for _ in range(failures.qsize())]
     assert errors == []
-
-
-# --- disturbed studies: each cell finished exactly once, with an undisturbed run's metrics ---------
-
-DISTURBED = slow_study("disturbed")  # 2 variants; run with --seeds 0,1: 4 cells of 6 epochs
-PATIENT = {"CHAE_TRACKING_PATIENCE_S": "3", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"}  # give a cell back soon
-_undisturbed: dict = {}
-
-
-def undisturbed(tmp_path: Path) -> dict[tuple[str, int], dict[str, float]]:
-    """The DISTURBED study's cells trained undisturbed (conftest.undisturbed_metrics), once per session."""
-    if not _undisturbed:
-        _undisturbed.update(undisturbed_metrics(study_file(tmp_path, DISTURBED, "undisturbed"),
-                                                tmp_path / "undisturbed-runs", {"protocol.seeds": [0, 1]}))
-    return _undisturbed
-
-
-def assert_each_cell_finished_once(tracking: str, name: str, reference: dict) -> None:
-    """Exactly one FINISHED run per cell, nothing RUNNING, every epoch logged once, and the
-    undisturbed run's metrics."""
-    _, cells = cell_runs(tracking, name)
-    assert not [r for r in cells if r.info.status == "RUNNING"]
-    finished = [r for r in cells if r.info.status == "FINISHED"]
-    assert sorted((r.data.tags["variant"], int(r.data.tags["seed"])) for r in finished) == sorted(reference)
-    client = mlflow.tracking.MlflowClient(tracking)
-    for run in finished:
-        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, "val_loss"))
-        assert steps == list(range(1, 7)), (run.data.tags["variant"], steps)  # no epoch trained twice
-    assert_undisturbed_metrics(finished, reference)
-
-
-@pytest.mark.parametrize("ledger, outage_s", [("journal", 15), ("postgres", 5)], ids=["journal", "postgres"])
-def test_chaos_a_server_outage_and_random_kills_train_each_cell_once(ledger, outage_s, request, tmp_path):
-    """Three workers. Once all hold cells, the tracking server stops for 15 s (5 s on PostgreSQL;
-    either way past the workers' 3 s of patience, and on the journal long enough for a waiting
-    worker to poll it several times; at least as long as the undisturbed reference takes to train) and
-    comes back: that used to fail the cell being finished and end the worker (a SLURM array lost
-    its tasks); now each worker hands its cell back, waits for the server and goes on. Then every
-    few seconds a random worker is killed -9 and started again. Every cell ends FINISHED exactly
-    once, no epoch is trained twice, and the metrics are those of an undisturbed run."""
-    import random
-    storage = (request.getfixturevalue("postgres").rsplit("/", 1)[0] + "/chaos" if ledger == "postgres"
-               else f"journal:{tmp_path / 'ledger.journal'}")
-    if ledger == "postgres":
-        import psycopg2
-        admin = psycopg2.connect(storage.rsplit("/", 1)[0] + "/postgres")
-        admin.autocommit = True
-        admin.cursor().execute("CREATE DATABASE chaos")
-        admin.close()
-    server, url = start_mlflow(tmp_path / "server", port := free_port())
-    name = f"chaos-{ledger}"
-    study = study_file(tmp_path, DISTURBED, name)
-    common = (str(study), "--seeds", "0,1", "--storage", storage, "--threads", "1")
-    start = lambda: cli("worker", *common, cwd=tmp_path / "shared", tracking=url, env=PATIENT)  # noqa: E731
-    workers, rng, kills, outputs = [start() for _ in range(3)], random.Random(0), 0, []
-    try:
-        deadline = time.time() + 400
-        # the server goes away once every worker is past its start (a worker that starts while the
-        # server is down stops at once with one line, by design), so while they hold cells
-        while time.time() < deadline and held(storage, name) < 3:
-            time.sleep(0.5)
-        stop_mlflow(server)
-        stopped = time.time()
-        reference = undisturbed(tmp_path)  # while the workers wait
-        time.sleep(max(0.0, outage_s - (time.time() - stopped)))
-        server, _ = start_mlflow(tmp_path / "server", port)
-        while any(w.poll() is None for w in workers) and time.time() < deadline and kills < 3:
-            time.sleep(rng.uniform(2, 4))
-            i = rng.randrange(len(workers))
-            if workers[i].poll() is None:  # one that already ended is not started again
-                os.killpg(workers[i].pid, signal.SIGKILL)
-                outputs.append(workers[i].communicate()[0])
-                kills += 1
-                workers[i] = start()
-        outputs += [finish(w, timeout=max(1.0, deadline - time.time())) for w in workers]
-        assert kills >= 2  # the study may end before the third
-        assert any("handed back to the queue" in out for out in outputs), outputs
-        assert any("answers again; going on" in out for out in outputs), outputs
-        assert_each_cell_finished_once(url, name, reference)
-        complete = [t for t in ledger_trials(storage, name) if t.state == optuna.trial.TrialState.COMPLETE]
-        assert len(complete) == 4 == len({t.user_attrs["cell_hash"] for t in complete})
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                os.killpg(w.pid, signal.SIGKILL)
-        stop_mlflow(server)
