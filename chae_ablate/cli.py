@@ -94,7 +94,7 @@ def plan(study: StudyArg, set_: SetOpt = None, epochs: EpochsOpt = None, seeds: 
         typer.echo("\n".join(earlier.lines()))
 
 
-ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: usable cores / workers)")]
+ThreadsOpt = Annotated[Optional[int], typer.Option(min=1, help="torch CPU threads per worker (default: OMP_NUM_THREADS, else usable cores / workers)")]
 HeartbeatOpt = Annotated[Optional[int], typer.Option(
     min=1, help="Seconds between a running cell's heartbeats, for a new study (default: 5; 20 on a journal)")]
 GraceOpt = Annotated[Optional[int], typer.Option(

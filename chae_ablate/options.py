@@ -17,7 +17,7 @@ class RunOptions:
     fresh: bool = False  # forget earlier results of this study and start over
     progress: bool = True  # progress bars (one line per finished cell when not a terminal)
     compile: bool = False  # torch.compile the model
-    threads: int | None = None  # torch CPU threads per worker (default: usable cores / workers)
+    threads: int | None = None  # torch CPU threads per worker (default: OMP_NUM_THREADS, else usable cores / workers)
     # claim settings of a new study (None: ledger.DEFAULTS for its storage); a study keeps its own
     heartbeat_s: int | None = None  # how often a worker holding a cell proves itself alive
     grace_s: int | None = None  # how long a held cell's heartbeat is watched standing still before it is re-queued

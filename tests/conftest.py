@@ -11,22 +11,23 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 STUDIES = REPO / "studies"
 ARTISTS11 = REPO.parent / "shared" / "data" / "artists11"
-# The files of longest end-to-end runs (measured: ~40-170 s each on one core), started first so
+# The files of the longest end-to-end runs (measured: ~40-170 s each under -n 2), started first so
 # that the README's two test processes (pytest -n 2 --dist loadfile) end together; the other files
 # follow in the order collected. A stale list costs only balance.
-LONGEST_FIRST = ("test_chaos.py", "test_distributed.py", "test_search.py", "test_cluster.py", "test_decisive.py",
-                 "test_runner.py", "test_hardening.py", "test_gpu.py", "test_claims.py", "test_versions.py")
+LONGEST_FIRST = ("test_chaos.py", "test_search.py", "test_distributed.py", "test_cluster.py", "test_runner.py",
+                 "test_decisive.py", "test_hardening.py", "test_gpu.py", "test_claims.py", "test_fuzz.py",
+                 "test_user_model.py", "test_versions.py")
 
 
 def pytest_configure(config):
-    """Under pytest-xdist each test process runs on a core of its own, and so does every process a
-    test starts (they inherit it; their torch threads follow it, runner.usable_cores): two tests
-    sharing both cores made each other's torch threads wait (a search test took 290 s, not 73 s).
-    Whole files go in the order of pytest_collection_modifyitems, not xdist's (most tests first)."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")  # gw0, gw1, ...
-    if worker and hasattr(os, "sched_setaffinity"):
-        cores = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+    """Under pytest-xdist every process, each test process and those its tests start, trains on one
+    torch thread (OMP_NUM_THREADS, which runner.set_threads honours): two tests with two threads
+    each on two cores made each other's threads wait (a search test took 290 s, not 73 s). Whole
+    files go in the order of pytest_collection_modifyitems, not xdist's (most tests first)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # gw0, gw1, ...
+        os.environ["OMP_NUM_THREADS"] = "1"
+        if "torch" in sys.modules:  # read at its import
+            sys.modules["torch"].set_num_threads(1)
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
 

@@ -97,7 +97,7 @@ def test_three_machines_share_one_ledger_and_one_tracking_server(postgres, mlflo
 def test_killed_worker_cell_is_finished_by_another(postgres, mlflow_server, tmp_path, monkeypatch):
     name = "dist-kill"
     study = study_file(tmp_path, SLOW_STUDY, name)
-    common = (str(study), "--storage", postgres, "--threads", "2")  # one worker at a time: both cores
+    common = (str(study), "--storage", postgres)  # one worker at a time: default threads (one under -n 2)
     victim = cli("worker", *common, "--heartbeat", "1", "--grace", "3", cwd=tmp_path / "m2", tracking=mlflow_server)
     checkpoints = tmp_path / "m2" / "runs" / "checkpoints" / name
     deadline = time.time() + 120

@@ -129,21 +129,27 @@ def final_metrics(cwd: Path) -> dict:
 
 
 
-def test_default_threads_count_the_cores_this_process_may_use_not_the_machines(monkeypatch):
+def test_default_threads_are_omp_num_threads_or_the_cores_this_process_may_use(monkeypatch):
     """Under taskset or SLURM's task affinity a worker may use fewer cores than os.cpu_count()
-    says; a torch thread per machine core would then wait on the others (a 0.2 s cell took 10-20 s)."""
+    says; a torch thread per machine core would then wait on the others (a 0.2 s cell took 10-20 s).
+    OMP_NUM_THREADS, set, is the thread count of each process, as torch itself reads it."""
     from chae_ablate.runner import set_threads
     threads = torch.get_num_threads()
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     try:
-        for allowed, workers, expected in (({3}, 1, 1), ({0, 1, 2, 3}, 1, 4), ({0, 1, 2, 3}, 2, 2), ({5}, 2, 1)):
+        for allowed, workers, expected in (({3}, 1, 1), ({5}, 2, 1), ({0, 1, 2, 3}, 2, 2), ({0, 1, 2, 3}, 1, 4)):
             monkeypatch.setattr(os, "sched_getaffinity", lambda pid, allowed=allowed: set(allowed), raising=False)
             set_threads(RunOptions(), workers)
             assert torch.get_num_threads() == expected, (allowed, workers)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # per process, as torch reads it: not 4 cores
+        set_threads(RunOptions(), 1)
+        assert torch.get_num_threads() == 1
         set_threads(RunOptions(threads=3), 2)
         assert torch.get_num_threads() == 3  # --threads wins
     finally:
         torch.set_num_threads(threads)
+
 
 @pytest.mark.slow
 def test_sigkill_mid_cell_then_rerun_resumes_with_identical_metrics(tmp_path, monkeypatch):
