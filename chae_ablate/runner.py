@@ -465,8 +465,7 @@ def run_worker(study: Study, options: RunOptions) -> int:
 def set_threads(options: RunOptions, workers: int) -> None:
     """--threads, else OMP_NUM_THREADS (as torch reads it: per process), else the usable cores shared."""
     omp = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(options.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 0)
-                          or max(1, usable_cores() // workers))
+    torch.set_num_threads(options.threads or (int(omp) if omp.isdigit() else 0) or max(1, usable_cores() // workers))
 
 
 def usable_cores() -> int:

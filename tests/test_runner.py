@@ -128,7 +128,6 @@ def final_metrics(cwd: Path) -> dict:
     return {r.data.tags["variant"]: r for r in runs}, client
 
 
-
 def test_default_threads_are_omp_num_threads_or_the_cores_this_process_may_use(monkeypatch):
     """Under taskset or SLURM's task affinity a worker may use fewer cores than os.cpu_count()
     says; a torch thread per machine core would then wait on the others (a 0.2 s cell took 10-20 s).
